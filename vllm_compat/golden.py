@@ -1,0 +1,301 @@
+"""Golden V0 fixtures: schema, validated loading, and the comparison metrics.
+
+A fixture file holds, for one model and one reference engine (``v0`` = stock vLLM 0.8.5
+V0, ``v0_fp32_head`` = the same with the lm_head computed in fp32), every scenario's
+request specs, V0's outputs and the trainer-side reference on V0's sequences.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from .runner import decode_lp
+
+SCHEMA = "vllm-compat-golden/1"
+REFERENCES = ("v0", "v0_fp32_head")
+PACKAGE_ROOT = Path(__file__).resolve().parent
+GOLDEN_DIR = PACKAGE_ROOT.parent / "tests" / "golden"
+
+
+class GoldenFixtureError(ValueError):
+    """A fixture file is unreadable, corrupt, of another schema, or does not match its model."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_hashes(model_dir: Path) -> dict[str, str]:
+    return {p.name: sha256(p) for p in sorted(model_dir.iterdir()) if p.is_file()}
+
+
+@dataclass
+class Fixture:
+    path: Path
+    data: dict
+
+    @property
+    def model(self) -> str:
+        return self.data["model"]["name"]
+
+    @property
+    def reference(self) -> str:
+        return self.data["reference"]
+
+    @property
+    def scenarios(self) -> list[dict]:
+        return self.data["scenarios"]
+
+    def model_dir(self, models_root: Path) -> Path:
+        return models_root / self.model
+
+
+def _require(cond: bool, path: Path, what: str) -> None:
+    if not cond:
+        raise GoldenFixtureError(f"{path}: {what}")
+
+
+def _check_positions(positions: Any, path: Path, where: str) -> None:
+    _require(isinstance(positions, list), path, f"{where}: expected a list of positions")
+    for pos in positions:
+        if pos is None:
+            continue
+        _require(isinstance(pos, list), path, f"{where}: a position is not a list")
+        for entry in pos:
+            _require(isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int),
+                     path, f"{where}: bad entry {entry!r} (want [token, logprob, rank])")
+            try:
+                decode_lp(entry[1])
+            except ValueError as e:
+                raise GoldenFixtureError(f"{path}: {where}: {e}") from None
+
+
+def validate(data: Any, path: Path, models_root: Path | None = None) -> None:
+    _require(isinstance(data, dict), path, "top level is not an object")
+    schema = data.get("schema")
+    _require(schema == SCHEMA, path, f"schema {schema!r} is not {SCHEMA!r} (regenerate with ci/v0/generate.sh)")
+    for key in ("reference", "model", "generator", "scenarios"):
+        _require(key in data, path, f"missing key {key!r}")
+    _require(data["reference"] in REFERENCES, path, f"unknown reference {data['reference']!r}")
+    model = data["model"]
+    _require(isinstance(model, dict) and isinstance(model.get("name"), str) and isinstance(model.get("files"), dict),
+             path, "model must have a name and file hashes")
+    for sc in data["scenarios"]:
+        name = sc.get("name", "?")
+        for key in ("name", "requests", "results"):
+            _require(key in sc, path, f"scenario {name}: missing key {key!r}")
+        expected = len(sc["requests"]) + (len(sc["update"]["late_requests"]) if sc.get("update") else 0)
+        _require(len(sc["results"]) == expected, path, f"scenario {name}: {len(sc['results'])} results for {expected} requests")
+        for i, res in enumerate(sc["results"]):
+            if res["prompt_logprobs"] is not None:
+                _check_positions(res["prompt_logprobs"], path, f"scenario {name} request {i} prompt_logprobs")
+            for c in res["completions"]:
+                _require(isinstance(c.get("token_ids"), list), path, f"scenario {name}: completion without token_ids")
+                if c.get("logprobs") is not None:
+                    _check_positions(c["logprobs"], path, f"scenario {name} request {i} logprobs")
+                    _require(len(c["logprobs"]) == len(c["token_ids"]), path,
+                             f"scenario {name} request {i}: {len(c['logprobs'])} logprob positions for "
+                             f"{len(c['token_ids'])} tokens")
+    if models_root is not None:
+        mdir = models_root / model["name"]
+        for fname, digest in model["files"].items():
+            f = mdir / fname
+            _require(f.is_file(), path, f"model file {f} is missing")
+            _require(sha256(f) == digest, path, f"model file {f} does not match the hash the fixture was made with")
+
+
+def load_fixture(path: str | Path, models_root: str | Path | None = GOLDEN_DIR / "models") -> Fixture:
+    """Load and validate one fixture; raises GoldenFixtureError with the reason."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GoldenFixtureError(f"{path}: no such fixture file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GoldenFixtureError(f"{path}: not valid JSON ({e})") from None
+    try:
+        validate(data, path, None if models_root is None else Path(models_root))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise GoldenFixtureError(f"{path}: malformed ({type(e).__name__}: {e})") from None
+    return Fixture(path, data)
+
+
+def load_all(fixtures_dir: str | Path = GOLDEN_DIR / "fixtures",
+             models_root: str | Path = GOLDEN_DIR / "models") -> list[Fixture]:
+    files = sorted(Path(fixtures_dir).glob("*.json"))
+    if not files:
+        raise GoldenFixtureError(f"{fixtures_dir}: no fixture files")
+    return [load_fixture(f, models_root) for f in files]
+
+
+# --------------------------------------------------------------------------- metrics
+
+def as_dict(position: list | None) -> dict[int, tuple[float, int | None]]:
+    return {} if position is None else {e[0]: (decode_lp(e[1]), e[2]) for e in position}
+
+
+def abs_diff(a: float, b: float) -> float:
+    """|a - b| with -inf == -inf counted as 0 and -inf vs finite as inf."""
+    if a == b:
+        return 0.0
+    return abs(a - b)
+
+
+def k3(lp_ref: float, lp_engine: float) -> float:
+    """k3 estimator term for tokens sampled by the engine: (r - 1) - log r, r = p_ref / p_engine."""
+    if lp_ref == lp_engine:
+        return 0.0
+    if lp_ref == -math.inf:
+        return math.inf
+    if lp_engine == -math.inf:
+        return math.inf
+    log_r = lp_ref - lp_engine
+    return math.expm1(log_r) - log_r
+
+
+@dataclass
+class Tally:
+    """Running maxima and agreement counts for one scenario."""
+
+    sampled_max: float = 0.0
+    topk_max: float = 0.0
+    prompt_max: float = 0.0
+    mask_agree: int = 0
+    mask_total: int = 0
+    rank_agree: int = 0
+    rank_total: int = 0
+    token_agree: int = 0
+    token_total: int = 0
+    compared_positions: int = 0
+    k3_sum: float = 0.0
+    k3_n: int = 0
+
+    def positions(self, mine: dict, ref: dict, sampled_token: int | None) -> None:
+        """Compare one position's logprob dicts (same context on both sides)."""
+        for tok in mine.keys() & ref.keys():
+            (a, ra), (b, rb) = mine[tok], ref[tok]
+            self.mask_total += 1
+            self.mask_agree += (a == -math.inf) == (b == -math.inf)
+            d = abs_diff(a, b)
+            if tok == sampled_token:
+                self.sampled_max = max(self.sampled_max, d)
+                self.k3_sum += k3(b, a)
+                self.k3_n += 1
+            else:
+                self.topk_max = max(self.topk_max, d)
+            if a != -math.inf and b != -math.inf and ra is not None and rb is not None:
+                self.rank_total += 1
+                self.rank_agree += ra == rb
+
+    def summary(self) -> dict:
+        ratio = lambda a, n: None if n == 0 else a / n  # noqa: E731
+        return {"sampled_max_abs": self.sampled_max, "topk_max_abs": self.topk_max,
+                "prompt_max_abs": self.prompt_max,
+                "mask_agreement": ratio(self.mask_agree, self.mask_total),
+                "rank_agreement": ratio(self.rank_agree, self.rank_total),
+                "token_agreement": ratio(self.token_agree, self.token_total),
+                "compared_positions": self.compared_positions,
+                "k3": None if self.k3_n == 0 else self.k3_sum / self.k3_n}
+
+
+def compare_to_reference(results: list[dict], reference: list[dict]) -> dict:
+    """Engine results vs a reference engine's results, request by request.
+
+    Sampled positions are compared while both sides share the context: up to and
+    including the first position where the sampled tokens differ (the distribution there
+    is still comparable; the sampled-token logprob only where both sampled the same token).
+    """
+    t = Tally()
+    for mine, ref in zip(results, reference, strict=True):
+        if (mine["prompt_logprobs"] is None) != (ref["prompt_logprobs"] is None):
+            raise ValueError("prompt logprobs present on one side only")
+        for pm, pr in zip(mine["prompt_logprobs"] or [], ref["prompt_logprobs"] or []):
+            dm, dr = as_dict(pm), as_dict(pr)
+            sub = Tally()
+            sub.positions(dm, dr, None)
+            t.prompt_max = max(t.prompt_max, sub.topk_max)
+            t.mask_agree += sub.mask_agree
+            t.mask_total += sub.mask_total
+            t.rank_agree += sub.rank_agree
+            t.rank_total += sub.rank_total
+        for cm, cr in zip(mine["completions"], ref["completions"], strict=True):
+            toks_m, toks_r = cm["token_ids"], cr["token_ids"]
+            t.token_total += len(toks_r)
+            for i, (a, b) in enumerate(zip(toks_m, toks_r)):
+                t.compared_positions += 1
+                t.positions(as_dict(cm["logprobs"][i]), as_dict(cr["logprobs"][i]), a if a == b else None)
+                if a != b:
+                    break
+                t.token_agree += 1
+    return t.summary()
+
+
+def compare_to_trainer(results: list[dict], trainer: list[dict | None], key: str) -> dict:
+    """Engine sampled-token logprobs vs the trainer's on the engine's own sequences."""
+    dmax, k3_sum, n, pmax = 0.0, 0.0, 0, 0.0
+    for res, tr in zip(results, trainer, strict=True):
+        if tr is None:
+            continue
+        if res["prompt_logprobs"] is not None:
+            for pos, (tok, ref) in enumerate(zip(tr["prompt_tokens"], tr["prompt"][key])):
+                if ref is None:
+                    continue
+                mine = as_dict(res["prompt_logprobs"][pos])[tok][0]
+                pmax = max(pmax, abs_diff(mine, ref))
+        for c, ct in zip(res["completions"], tr["completions"], strict=True):
+            for tok, pos, ref in zip(c["token_ids"], c["logprobs"], ct[key]):
+                mine = as_dict(pos)[tok][0]
+                dmax = max(dmax, abs_diff(mine, ref))
+                k3_sum += k3(ref, mine)
+                n += 1
+    return {"sampled_max_abs": dmax, "prompt_max_abs": pmax, "k3": k3_sum / n if n else None}
+
+
+def trainer_scores(trainer, scenario: dict, results: list[dict]) -> list[dict | None]:
+    """Score an engine's own sequences with a TrainerReference (None for update scenarios,
+    whose later tokens came from two weight sets and old KV: no single trainer pass matches)."""
+    if scenario.get("update"):
+        return [None] * len(results)
+    out = []
+    for req, res in zip(scenario["requests"], results, strict=True):
+        prompt = req["prompt_token_ids"]
+        comps = [trainer.score(prompt, c["token_ids"], req["params"]) for c in res["completions"]]
+        out.append({"prompt_tokens": prompt, "prompt": comps[0]["prompt"],
+                    "completions": [c["completion"] for c in comps]})
+    return out
+
+
+def encode_trainer(scores: Iterable[dict | None]) -> list[dict | None]:
+    from .runner import encode_lp
+
+    def enc(v):
+        return None if v is None else encode_lp(v)
+
+    out = []
+    for s in scores:
+        if s is None:
+            out.append(None)
+            continue
+        out.append({"prompt_tokens": s["prompt_tokens"],
+                    "prompt": {k: [enc(v) for v in vs] for k, vs in s["prompt"].items()},
+                    "completions": [{k: [enc(v) for v in vs] for k, vs in c.items()} for c in s["completions"]]})
+    return out
+
+
+def decode_trainer(stored: list[dict | None]) -> list[dict | None]:
+    def dec(v):
+        return None if v is None else decode_lp(v)
+
+    return [None if s is None else
+            {"prompt_tokens": s["prompt_tokens"],
+             "prompt": {k: [dec(v) for v in vs] for k, vs in s["prompt"].items()},
+             "completions": [{k: [dec(v) for v in vs] for k, vs in c.items()} for c in s["completions"]]}
+            for s in stored]

@@ -1,0 +1,128 @@
+"""V0's logits processing (vLLM 0.8.5 ``Sampler.forward``) in plain torch.
+
+This is the one reference implementation of "the distribution V0 sampled from". The
+trainer-side reference and ``vllm-compat verify`` use it; fixes reuse it instead of
+re-deriving V0's order. Everything here works on 2-D float tensors ``[rows, vocab]``.
+
+V0's order (0.8.5 sampler.py 216-324):
+  penalties (model dtype) -> fp32 cast -> / temperature -> top-k then top-p (sort based)
+  -> min-p (AFTER top-k/top-p; V1 applies it before) -> log_softmax in fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+_GREEDY_EPS = 1e-5  # V0 treats T < 1e-5 as greedy and divides by 1.0
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """The sampling parameters that change V0's processed distribution."""
+
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @classmethod
+    def from_params(cls, params: dict) -> "SamplingSpec":
+        spec = cls(**{k: params[k] for k in cls.__dataclass_fields__ if params.get(k) is not None})
+        if spec.temperature < _GREEDY_EPS:  # SamplingParams resets the filters for greedy
+            spec = cls(temperature=0.0, repetition_penalty=spec.repetition_penalty,
+                       presence_penalty=spec.presence_penalty, frequency_penalty=spec.frequency_penalty)
+        return spec
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+
+def bin_counts(token_lists: Sequence[Sequence[int]], vocab: int) -> torch.Tensor:
+    counts = torch.zeros(len(token_lists), vocab, dtype=torch.long)
+    for i, toks in enumerate(token_lists):
+        if len(toks):
+            counts[i].index_add_(0, torch.as_tensor(list(toks), dtype=torch.long),
+                                 torch.ones(len(toks), dtype=torch.long))
+    return counts
+
+
+def apply_penalties(logits: torch.Tensor, prompt_counts: torch.Tensor, output_counts: torch.Tensor,
+                    repetition: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """V0 ``apply_penalties``: repetition over prompt+output tokens, frequency/presence over output."""
+    rep = repetition.to(logits.dtype).unsqueeze(1).repeat(1, logits.shape[1])
+    rep[~((prompt_counts > 0) | (output_counts > 0))] = 1.0
+    logits = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = logits - frequency.to(logits.dtype).unsqueeze(1) * output_counts.to(logits.dtype)
+    logits = logits - presence.to(logits.dtype).unsqueeze(1) * (output_counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """V0 ``_apply_top_k_top_p``: sort ascending, top-k keeps ties with the k-th value, then
+    top-p on the top-k-renormalized distribution; at least one token survives."""
+    logits_sort, logits_idx = logits.sort(dim=-1, descending=False)
+    kth = logits_sort.gather(1, (logits_sort.size(1) - k.to(torch.long)).unsqueeze(1))
+    logits_sort.masked_fill_(logits_sort < kth, -float("inf"))
+    probs_sum = logits_sort.softmax(dim=-1).cumsum(dim=-1)
+    top_p_mask = probs_sum <= 1 - p.unsqueeze(1)
+    top_p_mask[:, -1] = False
+    logits_sort.masked_fill_(top_p_mask, -float("inf"))
+    return torch.empty_like(logits_sort).scatter_(dim=-1, index=logits_idx, src=logits_sort)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """V0 ``_apply_min_p``: drop tokens whose probability is below min_p * max probability."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, -float("inf"))
+
+
+def v0_processed_logprobs(logits: torch.Tensor, specs: Sequence[SamplingSpec],
+                          prompt_tokens: Sequence[Sequence[int]] | None = None,
+                          output_tokens: Sequence[Sequence[int]] | None = None,
+                          param_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Log-probabilities of the distribution V0 samples from, one row per spec.
+
+    ``logits``: raw lm_head output rows (any float dtype; penalties run in that dtype as
+    in V0). ``prompt_tokens``/``output_tokens``: per row, for penalties (None = neutral,
+    which is what V0 uses for prompt-logprob rows). ``param_dtype``: dtype in which V0
+    materialised the sampling parameters (its logits dtype); None = exact fp32.
+    """
+    rows, vocab = logits.shape
+    pdt = param_dtype or torch.float32
+
+    def col(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32).to(pdt)
+
+    if prompt_tokens is not None and any(s.has_penalties for s in specs):
+        out = output_tokens or [[] for _ in range(rows)]
+        logits = apply_penalties(logits, bin_counts(prompt_tokens, vocab), bin_counts(out, vocab),
+                                 col([s.repetition_penalty for s in specs]),
+                                 col([s.frequency_penalty for s in specs]),
+                                 col([s.presence_penalty for s in specs]))
+    logits = logits.to(torch.float32)
+    temps = col([1.0 if s.greedy else s.temperature for s in specs])
+    logits = logits / temps.to(torch.float32).unsqueeze(1)
+    if any(s.top_k != -1 or s.top_p < 1.0 for s in specs):
+        ks = torch.tensor([vocab if s.top_k == -1 else min(s.top_k, vocab) for s in specs])
+        # ps stays in the parameter dtype: V0 computes ``1 - p`` in it (bf16 with bf16 logits).
+        logits = apply_top_k_top_p(logits, ks, col([s.top_p for s in specs]))
+    if any(s.min_p > 0 for s in specs):
+        logits = apply_min_p(logits, col([s.min_p for s in specs]).to(torch.float32))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def v0_rank(row: torch.Tensor, token: int) -> int:
+    """V0's rank: 1 + number of strictly larger values (V1 counts >=)."""
+    return int((row > row[token]).sum().item()) + 1

@@ -1,0 +1,89 @@
+"""Run golden scenarios on a live engine (V0 0.8.5 for the generator, V1 for verify) and
+extract results in the fixture format. Uses only APIs that V0 and V1 share:
+``LLM.generate`` and ``LLMEngine.add_request/step`` for the in-flight update scenarios.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+NEG_INF = "-inf"  # JSON has no -Infinity; fixtures spell it as this string
+
+
+def encode_lp(x: float) -> float | str:
+    if math.isnan(x):
+        raise ValueError("NaN logprob")
+    return NEG_INF if x == -math.inf else float(x)
+
+
+def decode_lp(x: float | str) -> float:
+    if x == NEG_INF:
+        return -math.inf
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(f"bad logprob value {x!r}")
+    return float(x)
+
+
+def _position(entry: dict | None) -> list | None:
+    """One position's {token: Logprob} -> sorted [[token, logprob, rank], ...]."""
+    if entry is None:
+        return None
+    return sorted([int(t), encode_lp(lp.logprob), None if lp.rank is None else int(lp.rank)]
+                  for t, lp in entry.items())
+
+
+def extract(output: Any) -> dict:
+    """A vLLM RequestOutput -> fixture dict."""
+    plp = output.prompt_logprobs
+    return {
+        "prompt_logprobs": None if plp is None else [_position(e) for e in plp],
+        "completions": [
+            {"index": c.index, "token_ids": list(c.token_ids),
+             "logprobs": None if c.logprobs is None else [_position(e) for e in c.logprobs]}
+            for c in sorted(output.outputs, key=lambda c: c.index)
+        ],
+    }
+
+
+def sampling_params(params: dict):
+    from vllm import SamplingParams
+
+    return SamplingParams(**params)
+
+
+def run_scenario(llm: Any, scenario: dict, load_update: Callable[[str], None] | None = None) -> list[dict]:
+    """Run one scenario; returns one result per request (late requests after the others)."""
+    update = scenario.get("update")
+    reqs = scenario["requests"]
+    if update is None:
+        outs = llm.generate([{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs],
+                            [sampling_params(r["params"]) for r in reqs], use_tqdm=False)
+        return [extract(o) for o in outs]
+    if load_update is None:
+        raise ValueError(f"scenario {scenario['name']} needs a weight-update callback")
+    engine = llm.llm_engine
+    finished: dict[str, Any] = {}
+
+    def add(prefix: str, rs: list[dict]) -> list[str]:
+        ids = []
+        for i, r in enumerate(rs):
+            rid = f"{prefix}-{i}"
+            engine.add_request(rid, {"prompt_token_ids": r["prompt_token_ids"]}, sampling_params(r["params"]))
+            ids.append(rid)
+        return ids
+
+    def step() -> None:
+        for o in engine.step():
+            if o.finished:
+                finished[o.request_id] = o
+
+    first = add("early", reqs)
+    for _ in range(update["after_step"]):
+        step()
+    if any(rid in finished for rid in first):
+        raise RuntimeError("a request finished before the update step; lengthen max_tokens")
+    load_update(update["weights"])
+    late = add("late", update["late_requests"])
+    while engine.has_unfinished_requests():
+        step()
+    return [extract(finished[rid]) for rid in first + late]

@@ -1,0 +1,81 @@
+"""Trainer-side reference: what an RL trainer computes on the engine's sequences.
+
+HF transformers forward pass in the model's dtype with the final projection in fp32 (as
+RL trainers do), then per position
+  * ``scaled``: log_softmax(logits / T) over the full vocabulary (the usual trainer loss);
+  * ``processed``: V0's processed distribution (penalties, temperature, top-k/top-p, min-p)
+    recomputed in fp32 by :mod:`vllm_compat.processing` -- V0's meaning, computed by the
+    trainer.
+Prompt positions use neutral penalties, as V0's prompt logprobs do.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .processing import SamplingSpec, v0_processed_logprobs
+
+
+class TrainerReference:
+    def __init__(self, model_dir: str | Path, weights: str | Path | None = None):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.from_pretrained(model_dir)
+        dtype = getattr(cfg, "torch_dtype", None) or getattr(cfg, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval() \
+            if _has_dtype_kwarg() else AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).eval()
+        if weights is not None:
+            self.load(weights)
+
+    def load(self, weights: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(weights) / "model.safetensors") if Path(weights).is_dir() else str(weights))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or [m for m in missing if m != "lm_head.weight"]:
+            raise ValueError(f"weights do not match the model: missing={missing} unexpected={unexpected}")
+        self.model.tie_weights()
+
+    @torch.no_grad()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """fp32 logits [len, vocab]; row i predicts token i+1."""
+        ids = torch.tensor([token_ids])
+        hidden = self.model.model(input_ids=ids).last_hidden_state[0]
+        head = self.model.get_output_embeddings().weight
+        return hidden.float() @ head.float().t()
+
+    def score(self, prompt: list[int], completion: list[int], params: dict) -> dict:
+        """Per-token reference logprobs for one sequence (prompt token 0 has none: None)."""
+        spec = SamplingSpec.from_params(params)
+        logits = self.logits(prompt + completion)[:-1] if completion else self.logits(prompt)[:-1]
+        targets = torch.tensor(prompt[1:] + completion)
+        temp = 1.0 if spec.greedy else spec.temperature
+        scaled = torch.log_softmax(logits / temp, -1).gather(1, targets[:, None])[:, 0]
+        n_prompt_rows = len(prompt) - 1
+        rows = logits.shape[0]
+        prompt_ctx = [prompt] * rows
+        outputs = [[] for _ in range(n_prompt_rows)] + [completion[:t] for t in range(len(completion))]
+        # Prompt rows: neutral penalties (V0); completion rows: penalties on the real history.
+        neutral = SamplingSpec(**{**spec.__dict__, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                                  "frequency_penalty": 0.0})
+        specs = [neutral] * n_prompt_rows + [spec] * len(completion)
+        processed = v0_processed_logprobs(logits, specs, prompt_ctx, outputs).gather(1, targets[:, None])[:, 0]
+        as_list = lambda t: [None] + [_f(x) for x in t.tolist()]  # noqa: E731
+        s, p = as_list(scaled), as_list(processed)
+        k = len(prompt)
+        return {"prompt": {"scaled": s[:k], "processed": p[:k]},
+                "completion": {"scaled": s[k:], "processed": p[k:]}}
+
+
+def _f(x: float) -> float:
+    return -math.inf if x == -math.inf else float(x)
+
+
+def _has_dtype_kwarg() -> bool:
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version("4.56")

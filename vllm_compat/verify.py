@@ -1,0 +1,193 @@
+"""``vllm-compat verify``: replay the golden V0 scenarios on the installed V1 engine and
+compare with every reference (V0, V0 with an fp32 head, the trainer).
+
+The engine is created the way a user creates it (``LLM(model=..., dtype=...)``), with
+vLLM's own defaults otherwise, so whatever vllm_compat changes (or not) is what gets
+measured. Pass/fail uses the thresholds below; each is justified by a measured noise
+floor (README, "Thresholds").
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import golden
+from .runner import run_scenario
+
+# Max |Δlogprob| allowed between V1 and a V0 reference of the same head dtype, and vs the
+# trainer's processed distribution. See README "Thresholds" for the floors behind them.
+THRESHOLDS = {
+    "float32": {"vs_v0": 1e-4, "vs_trainer": 1e-4, "k3_vs_trainer": 1e-6},
+    "bfloat16": {"vs_v0": 0.25, "vs_trainer": 0.25, "k3_vs_trainer": 2e-3},
+}
+# Agreement of -inf (masked) entries and of ranks must be exact.
+MIN_AGREEMENT = 1.0
+
+
+@dataclass
+class Row:
+    model: str
+    scenario: str
+    dtype: str
+    judged_reference: str
+    vs: dict = field(default_factory=dict)  # reference name -> metrics
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def _dtype(model_dir: Path) -> str:
+    return json.loads((model_dir / "config.json").read_text())["torch_dtype"]
+
+
+def fp32_head_active() -> bool:
+    """Whether this process runs with an fp32 lm_head (the lm_head_fp32 fix), so that the
+    fp32-head V0 reference is the one to meet."""
+    try:
+        from . import registry  # noqa: F401  (arrives with the shim)
+    except ImportError:
+        return False
+    return "lm_head_fp32" in registry.applied()
+
+
+def make_engine(model_dir: Path, dtype: str, engine_args: dict):
+    from vllm import LLM
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # else the CPU KV cache takes half the RAM
+    args = {k: engine_args[k] for k in ("seed", "max_model_len", "max_logprobs") if k in engine_args}
+    return LLM(model=str(model_dir), dtype=dtype, skip_tokenizer_init=True, **args)
+
+
+def native_load_update(llm, weights_dir: Path) -> None:
+    """Stock V1 in-place reload between two steps (what users do without the shim)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(weights_dir / "model.safetensors"))
+
+    def load(worker):
+        runner = worker.model_runner
+        if hasattr(runner, "reload_weights"):  # repacks CPU/quantized weights after loading
+            runner.reload_weights(weights_iterator=iter(weights.items()))
+        else:
+            runner.model.load_weights(weights.items())
+
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    llm.collective_rpc(load)
+
+
+def judge(row: Row, thresholds: dict) -> None:
+    ref = row.vs[row.judged_reference]
+    for key in ("sampled_max_abs", "topk_max_abs", "prompt_max_abs"):
+        if ref[key] > thresholds["vs_v0"]:
+            row.failures.append(f"{key} vs {row.judged_reference} {ref[key]:.3g} > {thresholds['vs_v0']:.3g}")
+    for key in ("mask_agreement", "rank_agreement"):
+        if ref[key] is not None and ref[key] < MIN_AGREEMENT:
+            row.failures.append(f"{key} vs {row.judged_reference} {ref[key]:.4f} < {MIN_AGREEMENT}")
+    tr = row.vs.get("trainer_processed")
+    if tr is not None and tr["k3"] is not None:
+        for key in ("sampled_max_abs", "prompt_max_abs"):
+            if tr[key] > thresholds["vs_trainer"]:
+                row.failures.append(f"{key} vs trainer {tr[key]:.3g} > {thresholds['vs_trainer']:.3g}")
+        if tr["k3"] > thresholds["k3_vs_trainer"]:
+            row.failures.append(f"k3 vs trainer {tr['k3']:.3g} > {thresholds['k3_vs_trainer']:.3g}")
+
+
+def verify(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenarios=None, log=print) -> list[Row]:
+    from .trainer_reference import TrainerReference
+
+    fixtures = golden.load_all(fixtures_dir, models_dir)
+    by_model: dict[str, dict[str, golden.Fixture]] = {}
+    for f in fixtures:
+        by_model.setdefault(f.model, {})[f.reference] = f
+    rows: list[Row] = []
+    for model, refs in sorted(by_model.items()):
+        if only_models and model not in only_models:
+            continue
+        mdir = models_dir / model
+        dtype = _dtype(mdir)
+        judged = "v0_fp32_head" if fp32_head_active() and "v0_fp32_head" in refs else "v0"
+        base = refs["v0"]
+        llm = make_engine(mdir, dtype, base.data["generator"]["engine_args"])
+        trainer = TrainerReference(mdir)
+        for sc in base.scenarios:
+            if only_scenarios and sc["name"] not in only_scenarios:
+                continue
+            results = run_scenario(llm, sc, lambda name: native_load_update(llm, models_dir / name))
+            row = Row(model, sc["name"], dtype, judged)
+            for ref_name, fx in refs.items():
+                ref_sc = next(s for s in fx.scenarios if s["name"] == sc["name"])
+                row.vs[ref_name] = golden.compare_to_reference(results, ref_sc["results"])
+            if not sc.get("update"):
+                scores = golden.trainer_scores(trainer, sc, results)
+                row.vs["trainer_processed"] = golden.compare_to_trainer(results, scores, "processed")
+                row.vs["trainer_scaled"] = golden.compare_to_trainer(results, scores, "scaled")
+            judge(row, THRESHOLDS[dtype])
+            rows.append(row)
+            log(format_row(row))
+        del llm
+        import gc
+
+        gc.collect()
+    return rows
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and (math.isinf(x) or x >= 1e3):
+        return "inf" if math.isinf(x) else f"{x:.0f}"
+    return f"{x:.2g}" if isinstance(x, float) else str(x)
+
+
+HEADER = (f"{'model':<16} {'scenario':<26} {'ref':<13} {'tokens':>6} {'sampled':>8} {'topk':>8} {'prompt':>8} "
+          f"{'mask':>5} {'rank':>5} {'k3_v0':>8} {'trainer':>8} {'k3_tr':>8}  result")
+
+
+def format_row(row: Row) -> str:
+    r = row.vs[row.judged_reference]
+    tr = row.vs.get("trainer_processed") or {}
+    res = "ok" if row.passed else "FAIL: " + "; ".join(row.failures)
+    return (f"{row.model:<16} {row.scenario:<26} {row.judged_reference:<13} {_fmt(r['token_agreement']):>6} "
+            f"{_fmt(r['sampled_max_abs']):>8} {_fmt(r['topk_max_abs']):>8} {_fmt(r['prompt_max_abs']):>8} "
+            f"{_fmt(r['mask_agreement']):>5} {_fmt(r['rank_agreement']):>5} {_fmt(r['k3']):>8} "
+            f"{_fmt(tr.get('sampled_max_abs')):>8} {_fmt(tr.get('k3')):>8}  {res}")
+
+
+def to_json(rows: list[Row]) -> dict:
+    def clean(v):
+        if isinstance(v, float) and math.isinf(v):
+            return "inf"
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+
+    return {"thresholds": THRESHOLDS, "min_agreement": MIN_AGREEMENT,
+            "passed": all(r.passed for r in rows),
+            "rows": [{"model": r.model, "scenario": r.scenario, "dtype": r.dtype,
+                      "judged_reference": r.judged_reference, "passed": r.passed, "failures": r.failures,
+                      "references": clean(r.vs)} for r in rows]}
+
+
+def main(args) -> int:
+    import vllm
+
+    quiet = args.json
+    log = (lambda s: print(s, file=sys.stderr)) if quiet else print
+    log(f"vLLM {vllm.__version__}; fixtures {args.fixtures}")
+    log(HEADER)
+    rows = verify(Path(args.fixtures), Path(args.models), args.model, args.scenario, log=log)
+    if not rows:
+        print("no scenario matched", file=sys.stderr)
+        return 2
+    n_fail = sum(not r.passed for r in rows)
+    if args.json:
+        print(json.dumps(to_json(rows), indent=1))
+    else:
+        print(f"{len(rows) - n_fail} passed, {n_fail} failed")
+    return 1 if n_fail else 0
