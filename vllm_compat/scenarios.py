@@ -89,6 +89,9 @@ def _weight_update(name: str, params: dict, weights: str) -> dict:
     running requests keep their KV. Then the same prompts are sent again: they must be
     computed from scratch with the new weights (no stale prefix-cache reuse)."""
     prompts = [PROMPTS[1], LONG_PROMPT]
+    # No prompt logprobs here: V1 bypasses the prefix cache for such requests, which would
+    # hide exactly the stale-KV reuse this scenario must expose.
+    params = dict(params, prompt_logprobs=None)
     return {"name": name,
             "description": f"{params}: update to '{weights}' after step 6, then the same prompts again",
             "requests": _requests(params, prompts, seed0=3000),

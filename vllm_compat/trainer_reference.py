@@ -23,7 +23,7 @@ class TrainerReference:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         cfg = AutoConfig.from_pretrained(model_dir)
-        dtype = getattr(cfg, "torch_dtype", None) or getattr(cfg, "dtype", None) or torch.float32
+        dtype = (getattr(cfg, "dtype", None) if _has_dtype_kwarg() else getattr(cfg, "torch_dtype", None)) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval() \
             if _has_dtype_kwarg() else AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).eval()
