@@ -18,14 +18,19 @@ from pathlib import Path
 from . import golden
 from .runner import run_scenario
 
-# Max |Δlogprob| allowed between V1 and a V0 reference of the same head dtype, and vs the
-# trainer's processed distribution. See README "Thresholds" for the floors behind them.
+# Pass/fail limits per model dtype; None = reported but not gated. Each number sits above a
+# measured noise floor between two correct implementations (README, "Thresholds"):
+#   float32: V0 vs trainer 1.3e-5, stock V1 vs V0 where raw == processed (greedy, T=1) 7.6e-6.
+#   bfloat16: stock V1 vs V0 where raw == processed: max 0.44, k3 1.2e-3. Two bf16 bodies
+#   (V0 eager vs V1 compiled, or vLLM vs HF) round differently, and that flips top-p/min-p
+#   boundaries and near-tied ranks, so masks, ranks and the trainer comparison (bf16 body in
+#   HF) cannot be exact even for V0 itself; they are reported only.
 THRESHOLDS = {
-    "float32": {"vs_v0": 1e-4, "vs_trainer": 1e-4, "k3_vs_trainer": 1e-6},
-    "bfloat16": {"vs_v0": 0.25, "vs_trainer": 0.25, "k3_vs_trainer": 2e-3},
+    "float32": {"max_abs_vs_v0": 1e-4, "k3_vs_v0": 1e-8, "max_abs_vs_trainer": 1e-4,
+                "k3_vs_trainer": 1e-8, "min_agreement": 1.0},
+    "bfloat16": {"max_abs_vs_v0": 0.5, "k3_vs_v0": 5e-3, "max_abs_vs_trainer": None,
+                 "k3_vs_trainer": None, "min_agreement": None},
 }
-# Agreement of -inf (masked) entries and of ranks must be exact.
-MIN_AGREEMENT = 1.0
 
 
 @dataclass
@@ -36,6 +41,7 @@ class Row:
     judged_reference: str
     vs: dict = field(default_factory=dict)  # reference name -> metrics
     failures: list[str] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list, repr=False)  # the engine's raw outputs
 
     @property
     def passed(self) -> bool:
@@ -60,6 +66,9 @@ def make_engine(model_dir: Path, dtype: str, engine_args: dict):
     from vllm import LLM
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # else the CPU KV cache takes half the RAM
+    # The update scenarios send a closure through collective_rpc; engine processes read this
+    # at start, so it must be set before the engine exists.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     args = {k: engine_args[k] for k in ("seed", "max_model_len", "max_logprobs") if k in engine_args}
     return LLM(model=str(model_dir), dtype=dtype, skip_tokenizer_init=True, **args)
 
@@ -77,25 +86,27 @@ def native_load_update(llm, weights_dir: Path) -> None:
         else:
             runner.model.load_weights(weights.items())
 
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     llm.collective_rpc(load)
 
 
-def judge(row: Row, thresholds: dict) -> None:
-    ref = row.vs[row.judged_reference]
+def judge(row: Row, limits: dict) -> None:
+    def over(value, limit, what):
+        if limit is not None and value is not None and value > limit:
+            row.failures.append(f"{what} {value:.3g} > {limit:.3g}")
+
+    ref, name = row.vs[row.judged_reference], row.judged_reference
     for key in ("sampled_max_abs", "topk_max_abs", "prompt_max_abs"):
-        if ref[key] > thresholds["vs_v0"]:
-            row.failures.append(f"{key} vs {row.judged_reference} {ref[key]:.3g} > {thresholds['vs_v0']:.3g}")
-    for key in ("mask_agreement", "rank_agreement"):
-        if ref[key] is not None and ref[key] < MIN_AGREEMENT:
-            row.failures.append(f"{key} vs {row.judged_reference} {ref[key]:.4f} < {MIN_AGREEMENT}")
+        over(ref[key], limits["max_abs_vs_v0"], f"{key} vs {name}")
+    over(ref["k3"], limits["k3_vs_v0"], f"k3 vs {name}")
+    if limits["min_agreement"] is not None:
+        for key in ("mask_agreement", "rank_agreement"):
+            if ref[key] is not None and ref[key] < limits["min_agreement"]:
+                row.failures.append(f"{key} vs {name} {ref[key]:.4f} < {limits['min_agreement']}")
     tr = row.vs.get("trainer_processed")
-    if tr is not None and tr["k3"] is not None:
+    if tr is not None:
         for key in ("sampled_max_abs", "prompt_max_abs"):
-            if tr[key] > thresholds["vs_trainer"]:
-                row.failures.append(f"{key} vs trainer {tr[key]:.3g} > {thresholds['vs_trainer']:.3g}")
-        if tr["k3"] > thresholds["k3_vs_trainer"]:
-            row.failures.append(f"k3 vs trainer {tr['k3']:.3g} > {thresholds['k3_vs_trainer']:.3g}")
+            over(tr[key], limits["max_abs_vs_trainer"], f"{key} vs trainer")
+        over(tr["k3"], limits["k3_vs_trainer"], "k3 vs trainer")
 
 
 def verify(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenarios=None, log=print) -> list[Row]:
@@ -119,7 +130,7 @@ def verify(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenario
             if only_scenarios and sc["name"] not in only_scenarios:
                 continue
             results = run_scenario(llm, sc, lambda name: native_load_update(llm, models_dir / name))
-            row = Row(model, sc["name"], dtype, judged)
+            row = Row(model, sc["name"], dtype, judged, results=results)
             for ref_name, fx in refs.items():
                 ref_sc = next(s for s in fx.scenarios if s["name"] == sc["name"])
                 row.vs[ref_name] = golden.compare_to_reference(results, ref_sc["results"])
@@ -167,7 +178,7 @@ def to_json(rows: list[Row]) -> dict:
             return {k: clean(x) for k, x in v.items()}
         return v
 
-    return {"thresholds": THRESHOLDS, "min_agreement": MIN_AGREEMENT,
+    return {"thresholds": THRESHOLDS,
             "passed": all(r.passed for r in rows),
             "rows": [{"model": r.model, "scenario": r.scenario, "dtype": r.dtype,
                       "judged_reference": r.judged_reference, "passed": r.passed, "failures": r.failures,
