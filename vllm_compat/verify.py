@@ -66,6 +66,10 @@ def make_engine(model_dir: Path, dtype: str, engine_args: dict):
     from vllm import LLM
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # else the CPU KV cache takes half the RAM
+    # In-process engine core: each LLMEngine.step() is then exactly one scheduler step, so
+    # "update after step k" means what it meant in V0. (A multiprocess core keeps stepping
+    # on its own between client calls.) The multiprocess path has tests of its own.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     # The update scenarios send a closure through collective_rpc; engine processes read this
     # at start, so it must be set before the engine exists.
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
