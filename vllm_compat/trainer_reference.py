@@ -50,7 +50,7 @@ class TrainerReference:
     def score(self, prompt: list[int], completion: list[int], params: dict) -> dict:
         """Per-token reference logprobs for one sequence (prompt token 0 has none: None)."""
         spec = SamplingSpec.from_params(params)
-        logits = self.logits(prompt + completion)[:-1] if completion else self.logits(prompt)[:-1]
+        logits = self.logits(prompt + completion)[:-1]
         targets = torch.tensor(prompt[1:] + completion)
         temp = 1.0 if spec.greedy else spec.temperature
         scaled = torch.log_softmax(logits / temp, -1).gather(1, targets[:, None])[:, 0]
