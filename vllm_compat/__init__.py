@@ -1,0 +1,43 @@
+"""vllm-compat: make vLLM V1 reproduce V0 rollout behaviour for online RL.
+
+``import vllm_compat`` before creating an engine applies the selection in VLLM_COMPAT
+(default: all default fixes). See README for the fixes and the API.
+"""
+from __future__ import annotations
+
+import inspect
+
+from . import fixes as _fixes  # noqa: F401  (registers the fixes)
+from .registry import InternalsMoved, apply, apply_from_env, applied, parse_selection, status  # noqa: F401
+from .versions import UnsupportedVersion  # noqa: F401
+
+__version__ = "0.1.0.dev0"
+
+
+class CompatCheckError(RuntimeError):
+    """An engine process does not run the fixes the user's process applied."""
+
+
+def _compare(expected: list[str], reports: list[dict]) -> list[dict]:
+    bad = [r for r in reports if r.get("applied") != expected]
+    if bad:
+        lines = [f"pid {r.get('pid')}: applied {r.get('applied')}, skipped {r.get('skipped')}" for r in bad]
+        raise CompatCheckError(f"vllm-compat: engine processes differ from this process ({expected}):\n  "
+                               + "\n  ".join(lines))
+    return reports
+
+
+def check(engine):
+    """Ask every worker of ``engine`` (LLM or AsyncLLM) which fixes it runs; raise
+    CompatCheckError on any difference from this process. For AsyncLLM, await the result."""
+    expected = applied()
+    result = engine.collective_rpc("vllm_compat_status")
+    if inspect.isawaitable(result):
+        async def finish():
+            return _compare(expected, await result)
+        return finish()
+    return _compare(expected, result)
+
+
+# The one import-time side effect: apply what the environment asks for.
+apply_from_env()

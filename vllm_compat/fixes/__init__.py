@@ -1,0 +1,2 @@
+"""One module per fix; importing this package registers them (in this order)."""
+from . import defaults, logprobs, prompt_logprobs  # noqa: F401

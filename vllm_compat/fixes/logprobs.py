@@ -1,0 +1,86 @@
+"""Fix ``logprobs``: sampled-token logprobs with V0's meaning.
+
+Why: V1 returns logprobs of the raw model output by default; V0 (what RL trainers were
+built against) returned the distribution actually sampled from. vLLM's own
+``logprobs_mode="processed_logprobs"`` (0.11+) gets close, but applies min-p BEFORE
+top-k/top-p (V0: after; the two do not commute with top-p), may use Triton/FlashInfer
+top-k/top-p kernels, and counts ranks with ``>=`` (V0: 1 + #strictly greater).
+How: ``Sampler.sample`` is replaced by V0's order -- penalties (already applied by
+``Sampler.forward``) -> temperature -> sort-based top-k/top-p
+(:func:`vllm_compat.processing.apply_top_k_top_p`) -> argmax-invariant processors
+(min-p) -> log_softmax; the draw itself still goes through vLLM's sampler with no further
+filtering. Greedy rows: log_softmax of the post-penalty logits. The configure hook turns
+the default ``raw_logprobs`` into ``processed_logprobs``; explicit ``*_logits`` modes are
+honoured. Ranks use V0's definition.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..processing import apply_top_k_top_p
+from ..registry import Fix, register
+
+_SAMPLING_EPS = 1e-5
+
+
+def v0_rank(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """V0's rank: 1 + number of entries strictly greater (values: [rows, 1])."""
+    return (x > values).sum(-1) + 1
+
+
+def _processed_output(logits: torch.Tensor, mode: str) -> torch.Tensor:
+    return logits if mode == "processed_logits" else logits.log_softmax(dim=-1, dtype=torch.float32)
+
+
+def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
+    md = sampling_metadata
+    mode = logprobs_mode_override or self.logprobs_mode
+    want = mode.startswith("processed") and (
+        md.max_num_logprobs is not None or bool(getattr(md, "logprob_token_ids", None)))
+    greedy = None if md.all_random else self.greedy_sample(logits)
+    if md.all_greedy:
+        return greedy, (_processed_output(logits, mode) if want else None)
+    logits = self.apply_temperature(logits, md.temperature, md.all_random)
+    if md.top_k is not None or md.top_p is not None:
+        rows, vocab = logits.shape
+        k = md.top_k if md.top_k is not None else torch.full((rows,), vocab, device=logits.device)
+        p = md.top_p if md.top_p is not None else torch.ones(rows, device=logits.device)
+        logits = apply_top_k_top_p(logits, k, p)
+    for processor in md.logitsprocs.argmax_invariant:  # min-p, after top-k/top-p as in V0
+        logits = processor.apply(logits)
+    # The draw: vLLM's own sampler over the already-filtered distribution.
+    sampled, processed = self.topk_topp_sampler(logits, md.generators, None, None)
+    if want and processed is None:
+        processed = _processed_output(logits, mode)
+    if not want:
+        processed = None
+    if greedy is not None:
+        sampled = torch.where(md.temperature < _SAMPLING_EPS, greedy, sampled, out=greedy)
+    return sampled, processed
+
+
+def patch(patcher) -> None:
+    from vllm.v1.sample import sampler as sampler_module
+
+    patcher.replace(sampler_module.Sampler, "sample", v0_sample,
+                    expect_params=["self", "logits", "sampling_metadata"])
+    patcher.replace(sampler_module, "batched_count_greater_than", v0_rank)
+
+
+def configure(engine_args) -> None:
+    if getattr(engine_args, "logprobs_mode", None) == "raw_logprobs":  # vLLM's default
+        engine_args.logprobs_mode = "processed_logprobs"
+
+
+register(Fix(
+    name="logprobs",
+    summary="sampled-token logprobs of the distribution sampled from, in V0's order, with V0 ranks",
+    why="V1 returns raw logprobs (or processed ones with min-p before top-p and >= ranks); V0 returned the "
+        "processed distribution: the trainer's old-policy logprobs",
+    how="Sampler.sample replaced by V0's order (sort-based top-k/top-p, then min-p); logprobs_mode default "
+        "-> processed_logprobs; rank = 1 + #greater",
+    upstream="processed_logprobs exists (PR #22387); V0 order and ranks: patches/*/logprobs.patch",
+    remove_when="vLLM's processed mode applies min-p after top-k/top-p and ranks like V0",
+    patch=patch,
+    configure=configure,
+))

