@@ -1,5 +1,33 @@
 import os
 
-# In-process engines for speed; tests of the multiprocess path set it back explicitly.
+# Tests choose their fixes explicitly (vllm_compat.apply); importing vllm_compat must not
+# apply the default selection behind their back.
+os.environ["VLLM_COMPAT"] = "off"
+os.environ.pop("VLLM_COMPAT_ACTIVE", None)
+# In-process engines for speed; tests of the multiprocess path set it explicitly.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def stock():
+    """Stock V1: no fix applied (restores the previous selection afterwards)."""
+    import vllm_compat
+
+    before = vllm_compat.applied()
+    vllm_compat.apply(include=[])
+    yield
+    vllm_compat.apply(include=before)
+
+
+@pytest.fixture
+def shim():
+    """The default fix selection (restores the previous selection afterwards)."""
+    import vllm_compat
+
+    before = vllm_compat.applied()
+    vllm_compat.apply()
+    yield
+    vllm_compat.apply(include=before)

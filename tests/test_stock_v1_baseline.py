@@ -16,8 +16,15 @@ DIFFERING = ["temp_0.6", "top_p_min_p", "greedy_repetition_penalty", "penalties_
 
 @pytest.fixture(scope="module")
 def rows():
-    rows = verify.verify(GOLDEN_DIR / "fixtures", GOLDEN_DIR / "models", ["llama-fp32", "llama-bf16"],
-                         MATCHING + DIFFERING, log=lambda s: None)
+    import vllm_compat
+
+    before = vllm_compat.applied()
+    vllm_compat.apply(include=[])  # stock V1
+    try:
+        rows = verify.verify(GOLDEN_DIR / "fixtures", GOLDEN_DIR / "models", ["llama-fp32", "llama-bf16"],
+                             MATCHING + DIFFERING, log=lambda s: None)
+    finally:
+        vllm_compat.apply(include=before)
     return {(r.model, r.scenario): r for r in rows}
 
 

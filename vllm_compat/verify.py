@@ -19,16 +19,19 @@ from . import golden
 from .runner import run_scenario
 
 # Pass/fail limits per model dtype; None = reported but not gated. Each number sits above a
-# measured noise floor between two correct implementations (README, "Thresholds"):
-#   float32: V0 vs trainer 1.3e-5, stock V1 vs V0 where raw == processed (greedy, T=1) 7.6e-6.
-#   bfloat16: stock V1 vs V0 where raw == processed: max 0.44, k3 1.2e-3. Two bf16 bodies
-#   (V0 eager vs V1 compiled, or vLLM vs HF) round differently, and that flips top-p/min-p
-#   boundaries and near-tied ranks, so masks, ranks and the trainer comparison (bf16 body in
-#   HF) cannot be exact even for V0 itself; they are reported only.
+# measured noise floor between two correct implementations at T = 1 (README, "Thresholds");
+# logit noise is divided by the temperature, so the max-|Δ| limits are divided by the
+# scenario's lowest temperature below 1 (greedy counts as 1).
+#   float32: V0 vs trainer 1.3e-5, V1+shim vs V0 1.5e-5.
+#   bfloat16: stock V1 vs V0 where raw == processed (greedy, T=1): max 0.44, k3 1.2e-3;
+#   V1+shim vs the fp32-head V0: max 0.48. Two bf16 bodies (V0 eager vs V1 compiled, or vLLM
+#   vs HF) round differently, which flips top-p/min-p boundaries and near-tied ranks, so
+#   masks, ranks and the trainer comparison (HF bf16 body) cannot be exact even for V0
+#   itself; they are reported only.
 THRESHOLDS = {
     "float32": {"max_abs_vs_v0": 1e-4, "k3_vs_v0": 1e-8, "max_abs_vs_trainer": 1e-4,
                 "k3_vs_trainer": 1e-8, "min_agreement": 1.0},
-    "bfloat16": {"max_abs_vs_v0": 0.5, "k3_vs_v0": 5e-3, "max_abs_vs_trainer": None,
+    "bfloat16": {"max_abs_vs_v0": 0.75, "k3_vs_v0": 5e-3, "max_abs_vs_trainer": None,
                  "k3_vs_trainer": None, "min_agreement": None},
 }
 
@@ -93,7 +96,18 @@ def native_load_update(llm, weights_dir: Path) -> None:
     llm.collective_rpc(load)
 
 
-def judge(row: Row, limits: dict) -> None:
+def temperature_scale(scenario: dict) -> float:
+    """1 / (lowest temperature below 1 among the scenario's requests); greedy counts as 1."""
+    reqs = scenario["requests"] + ((scenario.get("update") or {}).get("late_requests") or [])
+    temps = [r["params"].get("temperature", 1.0) for r in reqs]
+    lowest = min([t for t in temps if t > 0] + [1.0])
+    return 1.0 / lowest
+
+
+def judge(row: Row, limits: dict, scale: float = 1.0) -> None:
+    """``scale`` multiplies the max-|Δ| limits (see temperature_scale)."""
+    limits = {k: (v * scale if v is not None and k.startswith("max_abs") else v) for k, v in limits.items()}
+
     def over(value, limit, what):
         if limit is not None and value is not None and value > limit:
             row.failures.append(f"{what} {value:.3g} > {limit:.3g}")
@@ -142,7 +156,7 @@ def verify(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenario
                 scores = golden.trainer_scores(trainer, sc, results)
                 row.vs["trainer_processed"] = golden.compare_to_trainer(results, scores, "processed")
                 row.vs["trainer_scaled"] = golden.compare_to_trainer(results, scores, "scaled")
-            judge(row, THRESHOLDS[dtype])
+            judge(row, THRESHOLDS[dtype], temperature_scale(sc))
             rows.append(row)
             log(format_row(row))
         del llm

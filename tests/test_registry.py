@@ -1,0 +1,108 @@
+"""Activation: selection parsing, apply/revert, idempotency, version and drift refusals."""
+import os
+
+import pytest
+
+import vllm_compat
+from vllm_compat import registry, versions
+from vllm_compat.registry import Fix, InternalsMoved, Patcher
+
+
+@pytest.fixture(autouse=True)
+def restore():
+    before = vllm_compat.applied()
+    yield
+    vllm_compat.apply(include=before)
+
+
+def test_selection_parsing():
+    assert registry.parse_selection("all") == registry.defaults()
+    assert registry.parse_selection(None) == registry.defaults()
+    assert registry.parse_selection("off") == []
+    assert registry.parse_selection("-lm_head_fp32") == [n for n in registry.defaults() if n != "lm_head_fp32"]
+    assert registry.parse_selection("logprobs, defaults") == ["defaults", "logprobs"]
+    with pytest.raises(ValueError, match="unknown fix 'bogus'"):
+        registry.parse_selection("all,-bogus")
+
+
+def test_apply_is_idempotent_and_exports_the_selection():
+    from vllm.v1.sample.sampler import Sampler
+
+    vllm_compat.apply()
+    patched = Sampler.sample
+    state = vllm_compat.status()
+    vllm_compat.apply()
+    assert Sampler.sample is patched and vllm_compat.status()["applied"] == state["applied"]
+    assert os.environ[registry.ENV_ACTIVE].split(",") == state["applied"]
+
+
+def test_off_restores_stock_vllm():
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.sample.sampler import Sampler
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    vllm_compat.apply(include=[])
+    stock = (Sampler.sample, GPUModelRunner._get_prompt_logprobs_dict, EngineArgs.create_engine_config)
+    vllm_compat.apply()
+    assert Sampler.sample is not stock[0] and GPUModelRunner._get_prompt_logprobs_dict is not stock[1]
+    vllm_compat.apply(include=[])
+    assert (Sampler.sample, GPUModelRunner._get_prompt_logprobs_dict, EngineArgs.create_engine_config) == stock
+    assert os.environ[registry.ENV_ACTIVE] == ""
+
+
+def test_single_fix_can_be_excluded():
+    vllm_compat.apply(exclude=["lm_head_fp32"])
+    assert "lm_head_fp32" not in vllm_compat.applied() and "logprobs" in vllm_compat.applied()
+
+
+def test_env_selection(monkeypatch):
+    monkeypatch.delenv(registry.ENV_ACTIVE, raising=False)
+    monkeypatch.setenv(registry.ENV_REQUEST, "-prompt_logprobs")
+    assert "prompt_logprobs" not in registry.apply_from_env()["applied"]
+    monkeypatch.delenv(registry.ENV_ACTIVE)  # apply() exported it
+    monkeypatch.setenv(registry.ENV_REQUEST, "nonsense")
+    with pytest.raises(ValueError, match="unknown fix"):
+        registry.apply_from_env()
+    # A parent's exact selection wins (what engine processes see).
+    monkeypatch.setenv(registry.ENV_ACTIVE, "defaults")
+    assert registry.apply_from_env()["applied"] == ["defaults"]
+
+
+def test_unsupported_version_is_refused(monkeypatch):
+    from packaging.version import Version
+
+    vllm_compat.apply(include=[])
+    monkeypatch.setattr(versions, "vllm_version", lambda: Version("0.9.2"))
+    with pytest.raises(versions.UnsupportedVersion, match="supports vLLM"):
+        vllm_compat.apply()
+    assert vllm_compat.applied() == []
+    assert vllm_compat.apply(strict=False)["applied"] == []  # warning, no-op
+
+
+def test_moved_internals_are_refused_and_leave_nothing_patched():
+    class Target:
+        def method(self, a):
+            return a
+
+    def patch(patcher):
+        patcher.replace(Target, "method", lambda self, a: -a, expect_params=["self", "a"])
+        patcher.replace(Target, "gone", None)  # vLLM moved this one
+
+    registry.register(Fix(name="_drift_probe", summary="", why="", how="", upstream="", remove_when="",
+                          patch=patch, default=False))
+    try:
+        with pytest.raises(InternalsMoved, match="gone not found"):
+            vllm_compat.apply(include=["_drift_probe"])
+        assert Target().method(3) == 3 and "_drift_probe" not in vllm_compat.applied()
+        assert "failed" in vllm_compat.apply(include=["_drift_probe"], strict=False)["skipped"]["_drift_probe"]
+    finally:
+        registry.FIXES.pop("_drift_probe")
+
+
+def test_signature_check():
+    class Target:
+        def method(self, a):
+            return a
+
+    with pytest.raises(InternalsMoved, match="lacks parameters"):
+        Patcher().replace(Target, "method", None, expect_params=["self", "b"])
