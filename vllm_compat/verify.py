@@ -66,7 +66,7 @@ def fp32_head_active() -> bool:
     return "lm_head_fp32" in registry.applied()
 
 
-def make_engine(model_dir: Path, dtype: str, engine_args: dict):
+def make_engine(model_dir: Path, dtype: str, engine_args: dict, **overrides):
     from vllm import LLM
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # else the CPU KV cache takes half the RAM
@@ -78,7 +78,7 @@ def make_engine(model_dir: Path, dtype: str, engine_args: dict):
     # at start, so it must be set before the engine exists.
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     args = {k: engine_args[k] for k in ("seed", "max_model_len", "max_logprobs") if k in engine_args}
-    return LLM(model=str(model_dir), dtype=dtype, skip_tokenizer_init=True, **args)
+    return LLM(model=str(model_dir), dtype=dtype, skip_tokenizer_init=True, **{**args, **overrides})
 
 
 def native_load_update(llm, weights_dir: Path) -> None:
@@ -128,7 +128,10 @@ def judge(row: Row, limits: dict, scale: float = 1.0) -> None:
         over(tr["k3"], limits["k3_vs_trainer"], "k3 vs trainer")
 
 
-def verify(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenarios=None, log=print) -> list[Row]:
+def verify(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenarios=None, log=print,
+           **engine_overrides) -> list[Row]:
+    """Replay the fixtures' scenarios; ``engine_overrides`` go to ``LLM(...)`` (e.g.
+    tensor_parallel_size)."""
     from .trainer_reference import TrainerReference
 
     fixtures = golden.load_all(fixtures_dir, models_dir)
@@ -143,7 +146,7 @@ def verify(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenario
         dtype = _dtype(mdir)
         judged = "v0_fp32_head" if fp32_head_active() and "v0_fp32_head" in refs else "v0"
         base = refs["v0"]
-        llm = make_engine(mdir, dtype, base.data["generator"]["engine_args"])
+        llm = make_engine(mdir, dtype, base.data["generator"]["engine_args"], **engine_overrides)
         trainer = TrainerReference(mdir)
         for sc in base.scenarios:
             if only_scenarios and sc["name"] not in only_scenarios:
