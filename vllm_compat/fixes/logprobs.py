@@ -9,7 +9,9 @@ How: ``Sampler.sample`` is replaced by V0's order -- penalties (already applied 
 ``Sampler.forward``) -> temperature -> sort-based top-k/top-p
 (:func:`vllm_compat.processing.apply_top_k_top_p`) -> argmax-invariant processors
 (min-p) -> log_softmax; the draw itself still goes through vLLM's sampler with no further
-filtering. Greedy rows: log_softmax of the post-penalty logits. The configure hook turns
+filtering, except seeded rows on CPU, which get V0's exponential race bit for bit
+(:mod:`vllm_compat.v0_draw`), so seeded V1 tokens equal V0's. Greedy rows: log_softmax of
+the post-penalty logits. The configure hook turns
 the default ``raw_logprobs`` into ``processed_logprobs``; explicit ``*_logits`` modes are
 honoured. Ranks use V0's definition.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import v0_draw
 from ..processing import apply_top_k_top_p
 from ..registry import Fix, register
 
@@ -48,8 +51,13 @@ def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
         logits = apply_top_k_top_p(logits, k, p)
     for processor in md.logitsprocs.argmax_invariant:  # min-p, after top-k/top-p as in V0
         logits = processor.apply(logits)
-    # The draw: vLLM's own sampler over the already-filtered distribution.
-    sampled, processed = self.topk_topp_sampler(logits, md.generators, None, None)
+    # The draw: vLLM's own sampler over the already-filtered distribution; on CPU, seeded
+    # rows get V0's exponential race instead (vLLM's CPU draw is a fused Gumbel kernel).
+    emulate = bool(md.generators) and logits.device.type == "cpu"
+    sampled, processed = self.topk_topp_sampler(logits, {} if emulate else md.generators, None, None)
+    if emulate:
+        for row, token in v0_draw.seeded_draw(logits, md.generators).items():
+            sampled[row] = token
     if want and processed is None:
         processed = _processed_output(logits, mode)
     if not want:

@@ -1,0 +1,70 @@
+"""V0's seeded draw on CPU, reproduced bit for bit.
+
+V0 (vLLM 0.8.5, torch 2.6) draws a seeded request's token as ``argmax(probs / q)`` with
+``q = torch.empty(vocab).exponential_(generator=g)``. On CPU, torch <= 2.6 implemented that
+call with MKL: it takes ONE 32-bit draw from the request generator's mt19937, seeds an
+MCG31m1 stream with it (``x0 = draw mod (2^31 - 1)``, 0 -> 1; ``x_k = x0 * 1132489760^k``)
+and returns ``-log(float32(x_k / (2^31 - 1)))``. torch 2.13 computes ``exponential_``
+differently and draws 32-bit numbers in other ways, so the request generator is advanced by
+exactly one mt19937 step here, through its saved state (measured: 15/15 steps x 1024 values
+identical to torch 2.6).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+_M = 2**31 - 1
+_A = 1132489760
+_MT_WORDS = 624
+_STATE_BYTES = 5056  # torch's CPUGeneratorImplState: seed u64, left i32, seeded, next u32, 624 x u64, ...
+_KEY_OFFSET = 24
+
+
+class GeneratorLayoutChanged(RuntimeError):
+    pass
+
+
+def take_u32(generator: torch.Generator) -> int:
+    """Advance a CPU torch.Generator by exactly one mt19937 32-bit draw and return it."""
+    state = generator.get_state().numpy().copy()
+    if state.size != _STATE_BYTES or int(state[:8].view("<u8")[0]) != generator.initial_seed():
+        raise GeneratorLayoutChanged(f"unexpected torch CPU generator state ({state.size} bytes)")
+    left, nxt = int(state[8:12].view("<i4")[0]), int(state[16:20].view("<u4")[0])
+    key = state[_KEY_OFFSET:_KEY_OFFSET + 8 * _MT_WORDS].view("<u8").astype(np.uint32)
+    rs = np.random.RandomState()
+    rs.set_state(("MT19937", key, _MT_WORDS if left == 1 else nxt))  # torch left_==1: regenerate next
+    draw = int(rs.randint(0, 2**32, dtype=np.uint64))  # one 32-bit word
+    _, key, pos, *_ = rs.get_state()
+    state[_KEY_OFFSET:_KEY_OFFSET + 8 * _MT_WORDS] = key.astype("<u8").view(np.uint8)
+    state[8:12] = np.array([_MT_WORDS + 1 - pos], "<i4").view(np.uint8)
+    state[16:20] = np.array([pos], "<u4").view(np.uint8)
+    generator.set_state(torch.from_numpy(state))
+    return draw
+
+
+@lru_cache(maxsize=8)
+def _powers(n: int) -> np.ndarray:
+    out = np.empty(n, dtype=np.int64)
+    x = 1
+    for k in range(n):
+        out[k] = x
+        x = (x * _A) % _M
+    return out
+
+
+def exponential_noise(generator: torch.Generator, n: int) -> torch.Tensor:
+    """What torch 2.6 ``torch.empty(n).exponential_(generator=generator)`` returns on CPU."""
+    x0 = take_u32(generator) % _M or 1
+    xs = (x0 * _powers(n)) % _M
+    return -torch.log(torch.from_numpy((xs / _M).astype(np.float32)))
+
+
+def seeded_draw(logits: torch.Tensor, generators: dict[int, torch.Generator]) -> dict[int, int]:
+    """V0's exponential race for the seeded rows of already-processed logits."""
+    rows = sorted(generators)
+    probs = logits[rows].softmax(dim=-1, dtype=torch.float32)
+    q = torch.stack([exponential_noise(generators[i], logits.shape[1]) for i in rows])
+    return dict(zip(rows, probs.div_(q).argmax(dim=1).tolist()))
