@@ -21,7 +21,8 @@ from .runner import run_scenario
 # Pass/fail limits per model dtype; None = reported but not gated. Each number sits above a
 # measured noise floor between two correct implementations at T = 1 (README, "Thresholds");
 # logit noise is divided by the temperature, so the max-|Δ| limits are divided by the
-# scenario's lowest temperature below 1 (greedy counts as 1).
+# scenario's lowest temperature below 1 (greedy counts as 1), and the k3 limits (k3 ~ Δ²/2)
+# by its square.
 #   float32: V0 vs trainer 1.3e-5, V1+shim vs V0 1.5e-5.
 #   bfloat16: stock V1 vs V0 where raw == processed (greedy, T=1): max 0.44, k3 1.2e-3;
 #   V1+shim vs the fp32-head V0: 0.48 on short prompts, 0.75 on the 160-token prompt of the
@@ -106,8 +107,9 @@ def temperature_scale(scenario: dict) -> float:
 
 
 def judge(row: Row, limits: dict, scale: float = 1.0) -> None:
-    """``scale`` multiplies the max-|Δ| limits (see temperature_scale)."""
-    limits = {k: (v * scale if v is not None and k.startswith("max_abs") else v) for k, v in limits.items()}
+    """``scale`` multiplies the max-|Δ| limits and its square the k3 limits (temperature_scale)."""
+    factor = {"max_abs": scale, "k3": scale * scale}
+    limits = {k: (v * factor.get(k.split("_vs_")[0], 1.0) if v is not None else v) for k, v in limits.items()}
 
     def over(value, limit, what):
         if limit is not None and value is not None and value > limit:
