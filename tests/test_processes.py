@@ -76,3 +76,38 @@ def test_tensor_parallel_two_workers(monkeypatch, shim):
             assert row.passed, (name, row.failures)
     finally:
         del llm
+
+
+def test_async_engine_gets_the_fixes(shim):
+    """AsyncLLM.from_engine_args goes through the same EngineArgs hook: V0 defaults, and
+    ``await check(engine)`` answers from the worker."""
+    import asyncio
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    async def main():
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+            model=str(GOLDEN_DIR / "models/llama-fp32"), dtype="float32", skip_tokenizer_init=True,
+            max_model_len=512))
+        try:
+            reports = await vllm_compat.check(engine)
+            assert reports and reports[0]["applied"] == vllm_compat.applied()
+            assert engine.vllm_config.cache_config.enable_prefix_caching is False
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_explicit_user_choice_is_kept_with_a_warning(shim, caplog):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=str(GOLDEN_DIR / "models/llama-fp32"), dtype="float32", skip_tokenizer_init=True,
+                      max_model_len=512, enable_prefix_caching=True)
+    with caplog.at_level("WARNING", logger="vllm_compat"):
+        config = args.create_engine_config()
+    assert config.cache_config.enable_prefix_caching is True
+    assert "old weights" in caplog.text
+    assert EngineArgs(model=str(GOLDEN_DIR / "models/llama-fp32"), dtype="float32", skip_tokenizer_init=True,
+                      max_model_len=512).create_engine_config().cache_config.enable_prefix_caching is False

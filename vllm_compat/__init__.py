@@ -31,12 +31,25 @@ def check(engine):
     """Ask every worker of ``engine`` (LLM or AsyncLLM) which fixes it runs; raise
     CompatCheckError on any difference from this process. For AsyncLLM, await the result."""
     expected = applied()
-    result = engine.collective_rpc("vllm_compat_status")
+    try:
+        result = engine.collective_rpc("vllm_compat_status")
+    except Exception as e:
+        raise _no_extension(e) from e
     if inspect.isawaitable(result):
         async def finish():
-            return _compare(expected, await result)
+            try:
+                reports = await result
+            except Exception as e:
+                raise _no_extension(e) from e
+            return _compare(expected, reports)
         return finish()
     return _compare(expected, result)
+
+
+def _no_extension(e: Exception) -> CompatCheckError:
+    return CompatCheckError(
+        f"vllm-compat: the engine's workers cannot report their fixes ({type(e).__name__}: {e}). Create the engine "
+        f"after `import vllm_compat`, without a worker_extension_cls of your own.")
 
 
 # The one import-time side effect: apply what the environment asks for.
