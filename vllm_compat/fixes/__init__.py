@@ -1,2 +1,7 @@
-"""One module per fix; importing this package registers them (in this order)."""
-from . import defaults, lm_head, logprobs, prompt_logprobs  # noqa: F401
+"""One module per fix; importing this package registers them. Fixes are applied in this
+order (bf16_params builds on logprobs, so it comes last)."""
+from . import defaults  # noqa: F401  isort: skip
+from . import lm_head  # noqa: F401  isort: skip
+from . import logprobs  # noqa: F401  isort: skip
+from . import prompt_logprobs  # noqa: F401  isort: skip
+from . import bf16_params  # noqa: F401  isort: skip

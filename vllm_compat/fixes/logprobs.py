@@ -35,6 +35,18 @@ def _processed_output(logits: torch.Tensor, mode: str) -> torch.Tensor:
     return logits if mode == "processed_logits" else logits.log_softmax(dim=-1, dtype=torch.float32)
 
 
+def _apply_rounded(processor, logits, rounded):
+    """Run a processor with its min_p rounded like V0's parameter tensors."""
+    if not hasattr(processor, "min_p"):
+        return processor.apply(logits)
+    exact = processor.min_p
+    processor.min_p = rounded(exact)
+    try:
+        return processor.apply(logits)
+    finally:
+        processor.min_p = exact
+
+
 def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
     md = sampling_metadata
     mode = logprobs_mode_override or self.logprobs_mode
@@ -43,14 +55,17 @@ def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
     greedy = None if md.all_random else self.greedy_sample(logits)
     if md.all_greedy:
         return greedy, (_processed_output(logits, mode) if want else None)
-    logits = self.apply_temperature(logits, md.temperature, md.all_random)
+    # Set by the opt-in v0_bf16_params fix: V0 materialised the parameters in the logits dtype.
+    pdt = getattr(self, "v0_param_dtype", None)
+    rounded = (lambda t: t) if pdt is None else (lambda t: t.to(pdt).to(torch.float32))
+    logits = self.apply_temperature(logits, rounded(md.temperature), md.all_random)
     if md.top_k is not None or md.top_p is not None:
         rows, vocab = logits.shape
         k = md.top_k if md.top_k is not None else torch.full((rows,), vocab, device=logits.device)
         p = md.top_p if md.top_p is not None else torch.ones(rows, device=logits.device)
-        logits = apply_top_k_top_p(logits, k, p)
+        logits = apply_top_k_top_p(logits, k, p if pdt is None else p.to(pdt))  # 1 - p in pdt, as V0
     for processor in md.logitsprocs.argmax_invariant:  # min-p, after top-k/top-p as in V0
-        logits = processor.apply(logits)
+        logits = _apply_rounded(processor, logits, rounded) if pdt is not None else processor.apply(logits)
     # The draw: vLLM's own sampler over the already-filtered distribution; on CPU, seeded
     # rows get V0's exponential race instead (vLLM's CPU draw is a fused Gumbel kernel).
     emulate = bool(md.generators) and logits.device.type == "cpu"
