@@ -59,7 +59,7 @@ class Patcher:
     def replace(self, owner: Any, attr: str, new: Any, *, expect_params: Iterable[str] | None = None) -> Any:
         """Replace ``owner.attr`` after checking it exists (and, for functions, that it takes
         ``expect_params``); returns the original."""
-        if attr not in vars(owner) and not hasattr(owner, attr):
+        if not hasattr(owner, attr):
             raise InternalsMoved(f"{_qual(owner)}.{attr} not found")
         original = getattr(owner, attr)
         if expect_params is not None:

@@ -22,13 +22,11 @@ def patch(patcher) -> None:
         raise ValueError("v0_bf16_params needs the logprobs fix (it rounds inside V0's sampler)")
     from vllm.v1.sample.sampler import Sampler
 
-    original = patcher.replace(Sampler, "forward", None, expect_params=["self", "logits", "sampling_metadata"])
-
     def forward(self, logits, *args, **kwargs):
         self.v0_param_dtype = None if logits.dtype == torch.float32 else logits.dtype
         return original(self, logits, *args, **kwargs)
 
-    setattr(Sampler, "forward", forward)
+    original = patcher.replace(Sampler, "forward", forward, expect_params=["self", "logits", "sampling_metadata"])
 
 
 register(Fix(

@@ -44,9 +44,6 @@ def patch(patcher) -> None:
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
-    original = patcher.replace(LogitsProcessor, "_get_logits", None,
-                               expect_params=["self", "hidden_states", "lm_head", "embedding_bias"])
-
     def _get_logits(self, hidden_states, lm_head, embedding_bias, *args, **kwargs):
         if hidden_states.dtype == torch.float32 or not isinstance(lm_head.quant_method, UnquantizedEmbeddingMethod):
             return original(self, hidden_states, lm_head, embedding_bias, *args, **kwargs)
@@ -55,7 +52,8 @@ def patch(patcher) -> None:
         logits = self._gather_logits(logits)  # TP: vocab-sharded head, gathered like vLLM does
         return None if logits is None else logits[..., : self.org_vocab_size]
 
-    setattr(LogitsProcessor, "_get_logits", _get_logits)
+    original = patcher.replace(LogitsProcessor, "_get_logits", _get_logits,
+                               expect_params=["self", "hidden_states", "lm_head", "embedding_bias"])
 
 
 register(Fix(

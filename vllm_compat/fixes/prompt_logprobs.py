@@ -42,9 +42,6 @@ def patch(patcher) -> None:
 
     from .. import registry
 
-    original = patcher.replace(GPUModelRunner, "_get_prompt_logprobs_dict", None,
-                               expect_params=["self", "hidden_states", "num_scheduled_tokens"])
-
     def get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
         pending = self.num_prompt_logprobs
         if not pending:
@@ -66,7 +63,8 @@ def patch(patcher) -> None:
             self.num_prompt_logprobs = pending
         return out
 
-    setattr(GPUModelRunner, "_get_prompt_logprobs_dict", get_prompt_logprobs_dict)
+    original = patcher.replace(GPUModelRunner, "_get_prompt_logprobs_dict", get_prompt_logprobs_dict,
+                               expect_params=["self", "hidden_states", "num_scheduled_tokens"])
 
 
 register(Fix(
