@@ -10,6 +10,7 @@ import inspect
 from . import fixes as _fixes  # noqa: F401  (registers the fixes)
 from .registry import InternalsMoved, apply, apply_from_env, applied, parse_selection, status  # noqa: F401
 from .versions import UnsupportedVersion  # noqa: F401
+from .weight_sync import WeightUpdateError, update_weights  # noqa: F401
 
 __version__ = "0.1.0.dev0"
 

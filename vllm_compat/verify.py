@@ -82,6 +82,17 @@ def make_engine(model_dir: Path, dtype: str, engine_args: dict, **overrides):
     return LLM(model=str(model_dir), dtype=dtype, skip_tokenizer_init=True, **{**args, **overrides})
 
 
+def load_update(llm, weights_dir: Path) -> None:
+    """With the shim: vllm_compat.update_weights (validated, V0 style); stock: vLLM's own
+    in-place reload."""
+    from . import registry, update_weights
+
+    if registry.applied():
+        update_weights(llm, weights_dir / "model.safetensors")
+    else:
+        native_load_update(llm, weights_dir)
+
+
 def native_load_update(llm, weights_dir: Path) -> None:
     """Stock V1 in-place reload between two steps (what users do without the shim)."""
     from safetensors.torch import load_file
@@ -153,7 +164,7 @@ def verify(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenario
         for sc in base.scenarios:
             if only_scenarios and sc["name"] not in only_scenarios:
                 continue
-            results = run_scenario(llm, sc, lambda name: native_load_update(llm, models_dir / name))
+            results = run_scenario(llm, sc, lambda name: load_update(llm, models_dir / name))
             row = Row(model, sc["name"], dtype, judged, results=results)
             for ref_name, fx in refs.items():
                 ref_sc = next(s for s in fx.scenarios if s["name"] == sc["name"])

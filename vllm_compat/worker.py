@@ -10,3 +10,13 @@ class CompatWorkerExtension:
         from . import registry
 
         return registry.status()
+
+    def vllm_compat_check_weights(self, path: str) -> list[str]:
+        from . import weight_sync
+
+        return weight_sync.check_weights(self, path)
+
+    def vllm_compat_load_weights(self, path: str) -> int:
+        from . import weight_sync
+
+        return weight_sync.load_weights(self, path)
