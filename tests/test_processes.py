@@ -78,9 +78,10 @@ def test_tensor_parallel_two_workers(monkeypatch, shim):
         del llm
 
 
-def test_async_engine_gets_the_fixes(shim):
+def test_async_engine_gets_the_fixes(shim, monkeypatch):
     """AsyncLLM.from_engine_args goes through the same EngineArgs hook: V0 defaults, and
     ``await check(engine)`` answers from the worker."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # AsyncLLM's normal mode
     import asyncio
 
     from vllm.engine.arg_utils import AsyncEngineArgs

@@ -71,17 +71,41 @@ def _materialise(weights: Weights) -> tuple[str, str | None]:
     return path, tmp
 
 
-def update_weights(llm, weights: Weights) -> int:
-    """Load ``weights`` into every worker of ``llm`` (vLLM ``LLM``) V0 style; returns the
-    number of tensors loaded per worker. ``weights``: (HF name, tensor) pairs, a dict, or a
-    safetensors file or directory."""
-    with _lock_for(llm):
-        path, tmp = _materialise(weights)
+def _refuse_if_problems(reports: list[list[str]]) -> None:
+    problems = [p for worker in reports for p in worker]
+    if problems:
+        raise WeightUpdateError("weight update refused, nothing changed:\n  " + "\n  ".join(problems[:20]))
+
+
+def update_weights(engine, weights: Weights):
+    """Load ``weights`` into every worker V0 style; returns the number of tensors loaded per
+    worker. ``engine``: ``LLM`` (blocking) or ``AsyncLLM`` (returns an awaitable; requests
+    in flight keep running and continue with the new weights). ``weights``: (HF name,
+    tensor) pairs, a dict, or a safetensors file or directory."""
+    if hasattr(engine, "llm_engine"):  # LLM: blocking
+        with _lock_for(engine):
+            path, tmp = _materialise(weights)
+            try:
+                _refuse_if_problems(engine.collective_rpc("vllm_compat_check_weights", args=(path,)))
+                return engine.collective_rpc("vllm_compat_load_weights", args=(path,))[0]
+            finally:
+                if tmp:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    return _update_async(engine, weights)
+
+
+_async_locks: "weakref.WeakKeyDictionary[object, object]" = weakref.WeakKeyDictionary()
+
+
+async def _update_async(engine, weights: Weights) -> int:
+    import asyncio
+
+    lock = _async_locks.setdefault(engine, asyncio.Lock())
+    async with lock:
+        path, tmp = await asyncio.to_thread(_materialise, weights)
         try:
-            problems = [p for worker in llm.collective_rpc("vllm_compat_check_weights", args=(path,)) for p in worker]
-            if problems:
-                raise WeightUpdateError("weight update refused, nothing changed:\n  " + "\n  ".join(problems[:20]))
-            return llm.collective_rpc("vllm_compat_load_weights", args=(path,))[0]
+            _refuse_if_problems(await engine.collective_rpc("vllm_compat_check_weights", args=(path,)))
+            return (await engine.collective_rpc("vllm_compat_load_weights", args=(path,)))[0]
         finally:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
