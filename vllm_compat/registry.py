@@ -143,6 +143,7 @@ def apply(include: Iterable[str] | None = None, exclude: Iterable[str] = (), str
     if unknown:
         raise ValueError(f"unknown fix(es) {unknown}; known: {', '.join(FIXES)}")
     wanted = [n for n in FIXES if n in wanted and n not in set(exclude)]
+    version = None
     if wanted:
         try:
             version = versions.require_supported()
@@ -151,6 +152,15 @@ def apply(include: Iterable[str] | None = None, exclude: Iterable[str] = (), str
                 raise
             logger.warning("vllm-compat: unsupported vLLM %s; no fixes applied", versions.vllm_version())
             wanted, version = [], None
+    try:
+        _apply_selection(wanted, version, strict)
+    finally:  # also when a fix refused: what is active stays consistent with the hook and env
+        _sync_engine_hook()
+        os.environ[ENV_ACTIVE] = ",".join(_state.active)
+    return status()
+
+
+def _apply_selection(wanted: list[str], version, strict: bool) -> None:
     for name in [n for n in _state.active if n not in wanted]:
         _state.active.pop(name).revert()
     _state.skipped.clear()
@@ -173,9 +183,6 @@ def apply(include: Iterable[str] | None = None, exclude: Iterable[str] = (), str
             logger.warning("vllm-compat: fix %s not applied: %s", name, e)
             continue
         _state.active[name] = patcher
-    _sync_engine_hook()
-    os.environ[ENV_ACTIVE] = ",".join(_state.active)
-    return status()
 
 
 def apply_from_env() -> dict:
