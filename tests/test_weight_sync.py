@@ -52,7 +52,8 @@ def test_bad_updates_change_nothing(llm, tmp_path):
             vllm_compat.update_weights(llm, weights)
         assert greedy_logprobs(llm) == before, match  # nothing changed, engine still serves
     # A good update changes the output; loading the base weights back restores it exactly.
-    assert vllm_compat.update_weights(llm, upd) == len(upd)
+    result = vllm_compat.update_weights(llm, upd)
+    assert result.tensors == len(upd) and result.bytes == sum(t.numel() * t.element_size() for t in upd.values())
     assert greedy_logprobs(llm) != before
     vllm_compat.update_weights(llm, list(base.items()))
     assert greedy_logprobs(llm) == before
@@ -94,3 +95,112 @@ def test_tied_head_is_refreshed_after_an_update():
         return
     assert stale.vs["v0"]["topk_max_abs"] > 2.0  # 0.32: measured 3.6 stale vs 0.76 refreshed
 
+
+
+TRAINER = r"""
+import sys
+from safetensors.torch import load_file
+import torch
+from vllm_compat import WeightBroadcaster
+
+host, port, *files = sys.argv[1:]
+bc = WeightBroadcaster(host, int(port), num_engine_workers=1, backend="gloo", bucket_bytes=1 << 20)
+for f in files:
+    weights = load_file(f)
+    if f.endswith("bad.safetensors"):
+        weights["model.norm.weight"] = torch.ones(7)
+    print("SENT", bc.send(weights), flush=True)
+bc.close()
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_broadcast_from_a_trainer_process(llm, tmp_path):
+    """A trainer process (rank 0) broadcasts over gloo: a good update, a bad one (refused,
+    nothing changes, the group stays usable), and the base weights back."""
+    import subprocess
+    import sys
+
+    base_file = MODELS / "llama-fp32/model.safetensors"
+    before = greedy_logprobs(llm)
+    vllm_compat.update_weights(llm, UPDATE)
+    expected = greedy_logprobs(llm)  # what the update gives through the file transport
+    vllm_compat.update_weights(llm, base_file)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(UPDATE.read_bytes())
+
+    port = free_port()
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, "127.0.0.1", str(port), str(UPDATE), str(bad),
+                                str(base_file)], stdout=subprocess.PIPE, text=True)
+    try:
+        group = vllm_compat.join_weight_broadcast(llm, "127.0.0.1", port)
+        assert group.world_size == 2
+        result = vllm_compat.update_weights(llm, group)
+        assert result.tensors == len(load_file(str(UPDATE)))
+        assert greedy_logprobs(llm) == expected
+        with pytest.raises(vllm_compat.WeightUpdateError, match="model.norm.weight: shape"):
+            vllm_compat.update_weights(llm, group)
+        assert greedy_logprobs(llm) == expected
+        vllm_compat.update_weights(llm, group)
+        assert greedy_logprobs(llm) == before
+        out, _ = trainer.communicate(timeout=120)
+    finally:
+        trainer.kill()
+    sent = [int(line.split()[1]) for line in out.splitlines() if line.startswith("SENT ")]  # vLLM logs to stdout too
+    assert len(sent) == 3 and sent[0] == result.bytes
+
+
+def test_transport_of_your_own(llm, tmp_path, monkeypatch):
+    """A user transport: a WorkerTransport subclass named "module:Class" in a TransportSpec."""
+    (tmp_path / "my_transport.py").write_text(
+        "from safetensors.torch import load_file\n"
+        "from vllm_compat.transport import Received, WorkerTransport\n"
+        "class Scaled(WorkerTransport):\n"
+        "    def receive(self):\n"
+        "        t = {n: v * self.params['scale'] for n, v in load_file(self.params['path']).items()}\n"
+        "        return Received({n: (tuple(v.shape), v.dtype) for n, v in t.items()}, t)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # in-process engine: the worker is this process
+    before = greedy_logprobs(llm)
+    spec = vllm_compat.TransportSpec("my_transport:Scaled", {"path": str(UPDATE), "scale": 1.0})
+    vllm_compat.update_weights(llm, spec)
+    assert greedy_logprobs(llm) != before
+    with pytest.raises(vllm_compat.WeightUpdateError, match="unknown weight transport"):
+        vllm_compat.update_weights(llm, vllm_compat.TransportSpec("nope", {}))
+    vllm_compat.update_weights(llm, MODELS / "llama-fp32/model.safetensors")
+    assert greedy_logprobs(llm) == before
+
+
+def test_stock_pause_that_clears_caches_misses_v0(stock):
+    """Companion of the golden update parity (test_shim_parity): vLLM's own pause with its
+    default clear_cache=True (here the in-process engine core's pause_scheduler, which
+    AsyncLLM.pause_generation drives) resets the KV of running requests, so they re-prefill
+    with the new weights, which V0 never did. Prefix caching is off, so only the pause differs."""
+    def pause_clear_reload(llm, weights_dir):
+        core = llm.llm_engine.engine_core.engine_core
+        core.pause_scheduler(mode="keep", clear_cache=True)
+        try:
+            verify.native_load_update(llm, weights_dir)
+        finally:
+            core.resume_scheduler()
+
+    def keep_reload(llm, weights_dir):  # the same reload with nothing cleared: V0's behaviour
+        verify.native_load_update(llm, weights_dir)
+
+    limit = verify.THRESHOLDS["float32"]["max_abs_vs_v0"]
+    sc = next(s for s in golden.load_fixture(GOLDEN_DIR / "fixtures/llama-fp32.v0.json").scenarios
+              if s["name"] == "weight_update_greedy")
+    for load, in_flight_matches in ((keep_reload, True), (pause_clear_reload, False)):
+        row = verify.verify(GOLDEN_DIR / "fixtures", MODELS, ["llama-fp32"], ["weight_update_greedy"],
+                            log=lambda s: None, load=load, enable_prefix_caching=False)[0]
+        in_flight = golden.compare_to_reference(row.results[:2], sc["results"][:2])
+        if in_flight_matches:
+            assert in_flight["sampled_max_abs"] <= limit and in_flight["token_agreement"] == 1.0
+        else:
+            assert in_flight["sampled_max_abs"] > 100 * limit or in_flight["token_agreement"] < 1.0

@@ -10,7 +10,9 @@ import inspect
 from . import fixes as _fixes  # noqa: F401  (registers the fixes)
 from .registry import InternalsMoved, apply, apply_from_env, applied, parse_selection, status  # noqa: F401
 from .versions import UnsupportedVersion  # noqa: F401
-from .weight_sync import WeightUpdateError, update_weights  # noqa: F401
+from .transport import TransportSpec, WeightBroadcaster, WorkerTransport  # noqa: F401
+from .weight_sync import (BroadcastGroup, WeightUpdateError, WeightUpdateResult, join_weight_broadcast,  # noqa: F401
+                          update_weights)
 
 __version__ = "0.1.0.dev0"
 

@@ -142,11 +142,9 @@ def judge(row: Row, limits: dict, scale: float = 1.0) -> None:
 
 
 def verify(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenarios=None, log=print,
-           **engine_overrides) -> list[Row]:
+           load=None, **engine_overrides) -> list[Row]:
     """Replay the fixtures' scenarios; ``engine_overrides`` go to ``LLM(...)`` (e.g.
-    tensor_parallel_size)."""
-    from .trainer_reference import TrainerReference
-
+    tensor_parallel_size); ``load(llm, weights_dir)`` replaces ``load_update``."""
     fixtures = golden.load_all(fixtures_dir, models_dir)
     by_model: dict[str, dict[str, golden.Fixture]] = {}
     for f in fixtures:
@@ -156,30 +154,40 @@ def verify(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenario
         if only_models and model not in only_models:
             continue
         mdir = models_dir / model
-        dtype = _dtype(mdir)
-        judged = "v0_fp32_head" if fp32_head_active() and "v0_fp32_head" in refs else "v0"
-        base = refs["v0"]
-        llm = make_engine(mdir, dtype, base.data["generator"]["engine_args"], **engine_overrides)
-        trainer = TrainerReference(mdir)
-        for sc in base.scenarios:
-            if only_scenarios and sc["name"] not in only_scenarios:
-                continue
-            results = run_scenario(llm, sc, lambda name: load_update(llm, models_dir / name))
-            row = Row(model, sc["name"], dtype, judged, results=results)
-            for ref_name, fx in refs.items():
-                ref_sc = next(s for s in fx.scenarios if s["name"] == sc["name"])
-                row.vs[ref_name] = golden.compare_to_reference(results, ref_sc["results"])
-            if not sc.get("update"):
-                scores = golden.trainer_scores(trainer, sc, results)
-                row.vs["trainer_processed"] = golden.compare_to_trainer(results, scores, "processed")
-                row.vs["trainer_scaled"] = golden.compare_to_trainer(results, scores, "scaled")
-            judge(row, THRESHOLDS[dtype], temperature_scale(sc))
-            rows.append(row)
-            log(format_row(row))
+        llm = make_engine(mdir, _dtype(mdir), refs["v0"].data["generator"]["engine_args"], **engine_overrides)
+        rows += verify_on(llm, model, refs, models_dir, only_scenarios, log, load)
         del llm
         import gc
 
         gc.collect()
+    return rows
+
+
+def verify_on(llm, model: str, refs: dict, models_dir: Path, only_scenarios=None, log=print, load=None) -> list[Row]:
+    """Replay one model's scenarios on an engine the caller made (``make_engine``)."""
+    from .trainer_reference import TrainerReference
+
+    mdir = models_dir / model
+    dtype = _dtype(mdir)
+    judged = "v0_fp32_head" if fp32_head_active() and "v0_fp32_head" in refs else "v0"
+    load = load or load_update
+    trainer = TrainerReference(mdir)
+    rows = []
+    for sc in refs["v0"].scenarios:
+        if only_scenarios and sc["name"] not in only_scenarios:
+            continue
+        results = run_scenario(llm, sc, lambda name: load(llm, models_dir / name))
+        row = Row(model, sc["name"], dtype, judged, results=results)
+        for ref_name, fx in refs.items():
+            ref_sc = next(s for s in fx.scenarios if s["name"] == sc["name"])
+            row.vs[ref_name] = golden.compare_to_reference(results, ref_sc["results"])
+        if not sc.get("update"):
+            scores = golden.trainer_scores(trainer, sc, results)
+            row.vs["trainer_processed"] = golden.compare_to_trainer(results, scores, "processed")
+            row.vs["trainer_scaled"] = golden.compare_to_trainer(results, scores, "scaled")
+        judge(row, THRESHOLDS[dtype], temperature_scale(sc))
+        rows.append(row)
+        log(format_row(row))
     return rows
 
 

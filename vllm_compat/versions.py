@@ -41,3 +41,16 @@ def has_native_head_dtype() -> bool:
     """`hf_overrides={"head_dtype": "float32"}` computes the head in fp32 (PR #48390;
     present in 0.28.0 and later, absent in 0.24.0 and earlier)."""
     return vllm_version() >= Version("0.28")
+
+
+def has_keep_mode_pause(async_engine) -> bool:
+    """`AsyncLLM.pause_generation(mode="keep", clear_cache=False)`: pause between steps
+    without aborting or re-prefilling anything (0.18.1 and later; checked on the signature
+    because the mode arrived between the pinned rows)."""
+    import inspect
+
+    pause = getattr(async_engine, "pause_generation", None)
+    if pause is None:
+        return False
+    params = inspect.signature(pause).parameters
+    return "mode" in params and "clear_cache" in params

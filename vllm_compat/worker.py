@@ -11,12 +11,22 @@ class CompatWorkerExtension:
 
         return registry.status()
 
-    def vllm_compat_check_weights(self, path: str) -> list[str]:
+    def vllm_compat_join_broadcast(self, name, host, port, world_size, backend, timeout_s) -> int:
+        from . import transport
+
+        return transport.join_group_on_worker(self, name, host, port, world_size, backend, timeout_s)
+
+    def vllm_compat_stage_weights(self, transport_name: str, params: dict) -> list[str]:
         from . import weight_sync
 
-        return weight_sync.check_weights(self, path)
+        return weight_sync.stage(self, transport_name, params)
 
-    def vllm_compat_load_weights(self, path: str) -> int:
+    def vllm_compat_drop_weights(self) -> None:
         from . import weight_sync
 
-        return weight_sync.load_weights(self, path)
+        weight_sync.drop(self)
+
+    def vllm_compat_commit_weights(self) -> dict:
+        from . import weight_sync
+
+        return weight_sync.commit(self)

@@ -1,0 +1,277 @@
+"""How new weights reach the engine's workers. A transport has two ends:
+
+- the *client end* (the process that calls ``update_weights``) turns the user's ``weights``
+  argument into a ``TransportSpec``: a transport name plus plain parameters, because the
+  spec crosses process boundaries through ``collective_rpc`` (msgpack on vLLM's MP paths);
+- the *worker end* (``WorkerTransport`` subclass, inside every vLLM worker) receives the
+  tensors and hands them over as a ``Received`` batch, still unloaded. weight_sync then
+  validates the batch and loads it, or drops it.
+
+Built in:
+- ``file``: a safetensors file or directory (an in-memory dict or (name, tensor) pairs is
+  written once to a RAM-backed temp file first: tensors do not survive an RPC as tensors);
+- ``process_group``: a broadcast from a trainer over a torch process group (trainer =
+  rank 0, engine workers = ranks 1..N; gloo on CPU, NCCL on GPU). The trainer end is
+  ``WeightBroadcaster``; the engine joins with ``join_weight_broadcast``.
+
+Your own transport: subclass ``WorkerTransport`` in a module the engine processes can import,
+and pass ``TransportSpec("your.module:YourTransport", {...})`` as ``weights``.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+
+@dataclass(frozen=True)
+class TransportSpec:
+    """What the workers are told: ``name`` is a built-in transport or "module:Class"."""
+    name: str
+    params: dict = field(default_factory=dict)
+
+    def as_rpc_args(self) -> tuple:
+        return (self.name, dict(self.params))
+
+
+@dataclass
+class Received:
+    """A batch of weights on one worker, received but not loaded. ``meta``: name ->
+    (shape, dtype) as the sender described them, available before any data is trusted."""
+    meta: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    tensors: dict[str, torch.Tensor]
+    nbytes: int = 0
+
+
+class WorkerTransport:
+    """Worker end of a transport. ``receive`` must take part in every collective the sender
+    starts even when the batch will be refused (the sender cannot know), and must not touch
+    the model."""
+
+    def __init__(self, worker, **params):
+        self.worker = worker
+        self.params = params
+
+    def receive(self) -> Received:
+        raise NotImplementedError
+
+
+def worker_transport(worker, name: str, params: dict) -> WorkerTransport:
+    if name in BUILT_IN:
+        cls = BUILT_IN[name]
+    elif ":" in name:
+        module, _, attr = name.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        if not (isinstance(cls, type) and issubclass(cls, WorkerTransport)):
+            raise TypeError(f"{name} is not a vllm_compat.transport.WorkerTransport subclass")
+    else:
+        raise ValueError(f"unknown weight transport {name!r} (built in: {sorted(BUILT_IN)}; or 'module:Class')")
+    return cls(worker, **params)
+
+
+# ---- file transport -------------------------------------------------------------------
+
+SAFETENSORS_DTYPES = {  # safetensors header names -> torch dtypes (float types and the usual ints)
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def safetensors_files(path: str | os.PathLike) -> list[Path]:
+    p = Path(path)
+    return sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+
+
+def safetensors_headers(files: Iterable[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype name), read from the headers only."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                sl = h.get_slice(name)
+                out[name] = (tuple(sl.get_shape()), sl.get_dtype())
+    return out
+
+
+class FileTransport(WorkerTransport):
+    """Reads a safetensors file or directory completely at receive time, so that loading
+    afterwards cannot fail half-way on I/O."""
+
+    def receive(self) -> Received:
+        from safetensors.torch import load_file
+
+        files = safetensors_files(self.params["path"])
+        if not files:
+            raise FileNotFoundError(f"{self.params['path']}: no .safetensors files")
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            tensors.update(load_file(str(f)))
+        meta = {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
+        return Received(meta, tensors, sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def file_spec(weights) -> tuple[TransportSpec, Callable[[], None]]:
+    """Client end: (spec, cleanup). Paths are used as they are; tensors are written once to
+    a temp safetensors file, in /dev/shm where it exists (RAM, no disk round trip)."""
+    if isinstance(weights, (str, os.PathLike)):
+        path = Path(weights)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or directory")
+        return TransportSpec("file", {"path": str(path)}), lambda: None
+    from safetensors.torch import save_file
+
+    tensors = dict(weights.items() if isinstance(weights, dict) else weights)
+    bad = [n for n, t in tensors.items() if not isinstance(t, torch.Tensor)]
+    if bad:
+        raise TypeError(f"not tensors: {bad[:5]}")
+    tmp = tempfile.mkdtemp(prefix="vllm-compat-weights-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    path = os.path.join(tmp, "update.safetensors")
+    cpu, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        if t.data_ptr() in seen:  # tied weights share storage; safetensors wants distinct tensors
+            t = t.clone()
+        seen.add(t.data_ptr())
+        cpu[name] = t
+    try:
+        save_file(cpu, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TransportSpec("file", {"path": path}), lambda: shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- process-group transport ------------------------------------------------------------
+# Wire format of one update: an int64 tensor [header length], the header (UTF-8 JSON as
+# uint8: names, dtypes, shapes, bucket and byte offset of each tensor, bucket sizes), then
+# each bucket as one flat uint8 tensor. Byte buckets carry every dtype (gloo has no bf16
+# broadcast in every torch) and keep the number of collectives small.
+
+WIRE_VERSION = 1
+DEFAULT_BUCKET_BYTES = 256 << 20
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _new_group(host: str, port: int, rank: int, world_size: int, backend: str, timeout: timedelta):
+    # vLLM's helper builds a process group without touching torch.distributed's global
+    # state, which vLLM's own workers already use. (Its `timeout` arrived after 0.18.)
+    import inspect
+
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group as init
+
+    extra = {"timeout": timeout} if "timeout" in inspect.signature(init).parameters else {}
+    return init(host, port, rank, world_size, backend, **extra)
+
+
+def _broadcast(group, tensor: torch.Tensor) -> None:
+    group.broadcast(tensor, 0).wait()
+
+
+class WeightBroadcaster:
+    """Trainer end (rank 0) of the process-group transport.
+
+    ``WeightBroadcaster(host, port, num_engine_workers)`` blocks until the engine side has
+    joined (``join_weight_broadcast``); then every ``send(named_tensors)`` broadcasts one
+    update, which the engine side receives in ``update_weights(engine, group)``: call both
+    at the same time (e.g. the trainer process sends while the rollout process updates).
+    ``backend``: "gloo" (CPU tensors) or "nccl" (CUDA tensors); default from CUDA's presence.
+    """
+
+    def __init__(self, host: str, port: int, num_engine_workers: int, backend: str | None = None,
+                 timeout: timedelta = timedelta(minutes=10), bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 device: torch.device | str | None = None):
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.device = torch.device(device or ("cuda" if self.backend == "nccl" else "cpu"))
+        self.bucket_bytes = bucket_bytes
+        self.group = _new_group(host, port, 0, 1 + num_engine_workers, self.backend, timeout)
+
+    def send(self, named_tensors) -> int:
+        """Broadcast one update; returns the bytes sent (headers excluded)."""
+        items = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        entries, buckets, filled = [], [], None
+        for name, t in items:
+            nbytes = t.numel() * t.element_size()
+            if filled is None or (filled and filled + nbytes > self.bucket_bytes):
+                buckets.append([])
+                filled = 0
+            entries.append([name, str(t.dtype), list(t.shape), len(buckets) - 1, filled, nbytes])
+            buckets[-1].append(t)
+            filled += nbytes
+        header = json.dumps({"version": WIRE_VERSION, "tensors": entries,
+                             "buckets": [sum(t.numel() * t.element_size() for t in b) for b in buckets]}).encode()
+        _broadcast(self.group, torch.tensor([len(header)], dtype=torch.int64, device=self.device))
+        _broadcast(self.group, torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.device))
+        sent = 0
+        for bucket in buckets:
+            flat = torch.cat([t.detach().to(self.device).contiguous().reshape(-1).view(torch.uint8)
+                              for t in bucket]) if bucket else torch.empty(0, dtype=torch.uint8, device=self.device)
+            _broadcast(self.group, flat)
+            sent += flat.numel()
+        return sent
+
+    def close(self) -> None:
+        if getattr(self, "group", None) is not None:
+            try:
+                self.group.shutdown()
+            except Exception:  # older torch: no shutdown(); the group goes with the process
+                pass
+            self.group = None
+
+
+def join_group_on_worker(worker, name: str, host: str, port: int, world_size: int, backend: str | None,
+                         timeout_s: float) -> int:
+    """Worker end of ``join_weight_broadcast``: rank = 1 + the worker's global rank."""
+    device = getattr(worker, "device", None) or torch.device("cpu")  # None on 0.18.1 CPU workers
+    backend = backend or ("nccl" if torch.device(device).type == "cuda" else "gloo")
+    rank = 1 + int(getattr(worker, "rank", 0))
+    group = _new_group(host, port, rank, world_size, backend, timedelta(seconds=timeout_s))
+    groups = worker.__dict__.setdefault("_vllm_compat_groups", {})
+    groups[name] = (group, torch.device(device) if backend == "nccl" else torch.device("cpu"))
+    return rank
+
+
+class ProcessGroupTransport(WorkerTransport):
+    def receive(self) -> Received:
+        groups = self.worker.__dict__.get("_vllm_compat_groups", {})
+        if self.params["group"] not in groups:
+            raise RuntimeError(f"this worker has not joined weight broadcast group {self.params['group']!r}")
+        group, device = groups[self.params["group"]]
+        length = torch.zeros(1, dtype=torch.int64, device=device)
+        _broadcast(group, length)
+        raw = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
+        _broadcast(group, raw)
+        header = json.loads(bytes(raw.cpu().numpy()))
+        if header.get("version") != WIRE_VERSION:
+            raise RuntimeError(f"weight broadcast wire version {header.get('version')} != {WIRE_VERSION}")
+        buckets = []
+        for size in header["buckets"]:  # receive everything, even if it will be refused
+            buf = torch.empty(size, dtype=torch.uint8, device=device)
+            _broadcast(group, buf)
+            buckets.append(buf)
+        meta, tensors = {}, {}
+        for name, dtype_name, shape, bucket, offset, nbytes in header["tensors"]:
+            dtype = _dtype_from_name(dtype_name)
+            meta[name] = (tuple(shape), dtype)
+            tensors[name] = buckets[bucket][offset:offset + nbytes].view(dtype).reshape(shape)
+        return Received(meta, tensors, sum(header["buckets"]))
+
+
+BUILT_IN: dict[str, type[WorkerTransport]] = {"file": FileTransport, "process_group": ProcessGroupTransport}
+
