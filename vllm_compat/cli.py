@@ -1,4 +1,4 @@
-"""Command line: ``vllm-compat status | verify``."""
+"""Command line: ``vllm-compat status | verify | bench``."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,14 @@ def main(argv=None) -> int:
     v.add_argument("--model", action="append", help="only this model (repeatable)")
     v.add_argument("--scenario", action="append", help="only this scenario (repeatable)")
     v.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
+    b = sub.add_parser("bench", help="side-by-side measurements printed as ratios (see vllm_compat/bench.py)")
+    b.add_argument("--section", action="append", choices=["weight_update"], help="only this section (repeatable)")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--hidden", type=int, default=512)
+    b.add_argument("--layers", type=int, default=4)
+    b.add_argument("--vocab", type=int, default=32000)
+    b.add_argument("--workdir", help="where the benchmark model is built (default: TMPDIR/vllm-compat-bench)")
+    b.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.cmd == "status":
         return print_status(args.json)
@@ -54,6 +62,10 @@ def main(argv=None) -> int:
         from .verify import main as verify_main
 
         return verify_main(args)
+    if args.cmd == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(args)
     return 2
 
 
