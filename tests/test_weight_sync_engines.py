@@ -1,0 +1,65 @@
+"""Update tests that start engines of their own through verify. Kept out of
+test_weight_sync.py: an engine shut down in a process tears down vLLM's global parallel
+state, which would break that file's module-scoped engine."""
+import pytest
+
+import vllm_compat
+from vllm_compat import golden, verify, weight_sync
+from vllm_compat.golden import GOLDEN_DIR
+
+pytestmark = pytest.mark.engine
+MODELS = GOLDEN_DIR / "models"
+
+
+def test_tied_head_is_refreshed_after_an_update():
+    """bf16 head on CPU (lm_head_fp32 left out): the tied head's packed copy must be rebuilt
+    from the new embedding, or the update scenario is computed with the old head."""
+    def run(refresh: bool):
+        before = vllm_compat.applied()
+        vllm_compat.apply(exclude=["lm_head_fp32"])
+        original = weight_sync._refresh_derived
+        if not refresh:
+            weight_sync._refresh_derived = lambda model: None
+        try:
+            rows = verify.verify(GOLDEN_DIR / "fixtures", MODELS, ["qwen2-tied-bf16"], ["weight_update_greedy"],
+                                 log=lambda s: None)
+        finally:
+            weight_sync._refresh_derived = original
+            vllm_compat.apply(include=before)
+        return rows[0]
+
+    fresh, stale = run(True), run(False)
+    assert fresh.judged_reference == "v0" and fresh.passed, fresh.failures
+    if stale.vs["v0"] == fresh.vs["v0"]:
+        # vLLM 0.18.1's Qwen2 uses the embedding module itself as lm_head: no copy to go stale.
+        return
+    assert stale.vs["v0"]["topk_max_abs"] > 2.0  # 0.32: measured 3.6 stale vs 0.76 refreshed
+
+
+def test_stock_pause_that_clears_caches_misses_v0(stock):
+    """Companion of the golden update parity (test_shim_parity): vLLM's own pause with its
+    default clear_cache=True (here the in-process engine core's pause_scheduler, which
+    AsyncLLM.pause_generation drives) resets the KV of running requests, so they re-prefill
+    with the new weights, which V0 never did. Prefix caching is off, so only the pause differs."""
+    def pause_clear_reload(llm, weights_dir):
+        core = llm.llm_engine.engine_core.engine_core
+        core.pause_scheduler(mode="keep", clear_cache=True)
+        try:
+            verify.native_load_update(llm, weights_dir)
+        finally:
+            core.resume_scheduler()
+
+    def keep_reload(llm, weights_dir):  # the same reload with nothing cleared: V0's behaviour
+        verify.native_load_update(llm, weights_dir)
+
+    limit = verify.THRESHOLDS["float32"]["max_abs_vs_v0"]
+    sc = next(s for s in golden.load_fixture(GOLDEN_DIR / "fixtures/llama-fp32.v0.json").scenarios
+              if s["name"] == "weight_update_greedy")
+    for load, in_flight_matches in ((keep_reload, True), (pause_clear_reload, False)):
+        row = verify.verify(GOLDEN_DIR / "fixtures", MODELS, ["llama-fp32"], ["weight_update_greedy"],
+                            log=lambda s: None, load=load, enable_prefix_caching=False)[0]
+        in_flight = golden.compare_to_reference(row.results[:2], sc["results"][:2])
+        if in_flight_matches:
+            assert in_flight["sampled_max_abs"] <= limit and in_flight["token_agreement"] == 1.0
+        else:
+            assert in_flight["sampled_max_abs"] > 100 * limit or in_flight["token_agreement"] < 1.0
