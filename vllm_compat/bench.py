@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 
-def build_bench_model(out: Path, hidden: int, layers: int, vocab: int, seed: int = 0) -> Path:
-    """A random Llama (fp32) saved as safetensors; rebuilt only when missing."""
+def build_bench_model(out: Path, hidden: int, layers: int, vocab: int, seed: int = 0,
+                      dtype: torch.dtype = torch.float32) -> Path:
+    """A random Llama saved as safetensors; rebuilt only when missing."""
     if (out / "model.safetensors").exists():
         return out
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -35,7 +36,8 @@ def build_bench_model(out: Path, hidden: int, layers: int, vocab: int, seed: int
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
                       num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
                       head_dim=64, vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).float()
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.config.torch_dtype = dtype
     model.save_pretrained(str(out), safe_serialization=True)
     return out
 
@@ -132,7 +134,125 @@ async def _weight_update(model_dir: Path, repeats: int, log) -> dict:
     }
 
 
-def run(sections: list[str], repeats: int, hidden: int, layers: int, vocab: int, workdir: str | None, log=print) -> dict:
+# One engine per child process: the fixes patch vLLM classes, so stock and shim cannot share a
+# process; children of the configurations alternate, and each reports its own median.
+CHILD = r"""
+import json, os, random, sys, time
+cfg = json.loads(sys.argv[1])
+os.environ.update(cfg["env"])
+if cfg["engine"] == "v1":
+    import vllm_compat  # applies VLLM_COMPAT from cfg["env"]
+from vllm import LLM, SamplingParams
+llm = LLM(model=cfg["model"], skip_tokenizer_init=True, max_model_len=1024, seed=0, **cfg["engine_args"])
+rng = random.Random(0)
+w = cfg["workload"]
+prompts = [{"prompt_token_ids": [rng.randrange(1, cfg["vocab"]) for _ in range(w["prompt_len"])]}
+           for _ in range(w["prompts"])]
+params = [SamplingParams(seed=i if w.get("seeded") else None, ignore_eos=True, **w["params"]) for i in range(w["prompts"])]
+llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+times = []
+for _ in range(cfg["iterations"]):
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    times.append(time.perf_counter() - start)
+tokens = sum(len(o.outputs[0].token_ids) for o in outs) if w["count"] == "generated" else \
+    sum(len(o.prompt_token_ids) for o in outs)
+times.sort()
+print("BENCH " + json.dumps({"tokens": tokens, "seconds": times[len(times) // 2]}), flush=True)
+"""
+
+# Unseeded, as RL rollouts usually are (seeded rows on CPU pay for V0's exponential draw, v0_draw.py).
+DECODE = {"prompts": 32, "prompt_len": 32, "count": "generated",
+          "params": {"max_tokens": 128, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "logprobs": 5}}
+PROMPT = {"prompts": 32, "prompt_len": 256, "count": "prompt",
+          "params": {"max_tokens": 1, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "prompt_logprobs": 5}}
+# The same explicit settings on every V1 side, so that only the fixes differ.
+V1_ARGS = {"enable_prefix_caching": False}
+
+
+def _child(python: str, cfg: dict) -> float:
+    """-> tokens per second (median of the child's iterations)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_COMPAT")}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    proc = subprocess.run([python, "-c", CHILD, json.dumps(cfg)], env=env, capture_output=True, text=True,
+                          timeout=1800)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"benchmark child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    out = json.loads(line[6:])
+    return out["tokens"] / out["seconds"]
+
+
+def _compare(configs: dict[str, tuple[str, dict]], rounds: int, log) -> dict[str, float]:
+    """Alternate the configurations for ``rounds`` rounds; median tokens/s of each."""
+    results: dict[str, list[float]] = {name: [] for name in configs}
+    for r in range(rounds):
+        for name, (python, cfg) in configs.items():
+            results[name].append(_child(python, cfg))
+            log(f"  round {r + 1}: {name:<24} {results[name][-1]:10.1f} tokens/s")
+    return {name: statistics.median(v) for name, v in results.items()}
+
+
+def _v1(model: Path, vocab: int, selection: str, workload: dict, dtype: str, iterations: int) -> tuple[str, dict]:
+    return sys.executable, {"engine": "v1", "model": str(model), "vocab": vocab, "workload": workload,
+                            "iterations": iterations, "env": {"VLLM_COMPAT": selection},
+                            "engine_args": dict(V1_ARGS, dtype=dtype)}
+
+
+def _head_matmul_seconds(batch: int, hidden: int, vocab: int, dtype: torch.dtype, reps: int = 50) -> float:
+    x, w = torch.randn(batch, hidden, dtype=dtype), torch.randn(vocab, hidden, dtype=dtype)
+    for _ in range(3):
+        x @ w.t()
+    start = time.perf_counter()
+    for _ in range(reps):
+        x @ w.t()
+    return (time.perf_counter() - start) / reps
+
+
+def _throughput(root: Path, hidden: int, layers: int, vocab: int, rounds: int, v0_python: str | None, log) -> dict:
+    fp32 = build_bench_model(root / f"llama-h{hidden}-l{layers}-v{vocab}", hidden, layers, vocab)
+    bf16 = build_bench_model(root / f"llama-h{hidden}-l{layers}-v{vocab}-bf16", hidden, layers, vocab,
+                             dtype=torch.bfloat16)
+    it = 3
+    out: dict = {"workloads": {"decode": DECODE, "prompt": PROMPT}, "rounds": rounds}
+    log("decode: V1+shim (all but the fp32 head) vs stock V1, fp32 model")
+    configs = {"stock_v1": _v1(fp32, vocab, "off", DECODE, "float32", it),
+               "shim_without_fp32_head": _v1(fp32, vocab, "-lm_head_fp32", DECODE, "float32", it)}
+    if v0_python:
+        configs["v0"] = (v0_python, {"engine": "v0", "model": str(fp32), "vocab": vocab, "workload": DECODE,
+                                     "iterations": it, "env": {"VLLM_USE_V1": "0"},
+                                     "engine_args": {"dtype": "float32", "enable_prefix_caching": False}})
+    decode = _compare(configs, rounds, log)
+    out["decode_tokens_per_s"] = decode
+    ratios = {"shim / stock V1 (target >= 0.97)": decode["shim_without_fp32_head"] / decode["stock_v1"]}
+    if "v0" in decode:
+        stock_adv, shim_adv = decode["stock_v1"] / decode["v0"], decode["shim_without_fp32_head"] / decode["v0"]
+        ratios["stock V1 / V0"] = stock_adv
+        ratios["shim / V0"] = shim_adv
+        ratios["share of stock V1's advantage kept (target >= 0.97)"] = shim_adv / stock_adv
+    log("decode: fp32 head on and off, bf16 model")
+    head = _compare({"shim_bf16_head": _v1(bf16, vocab, "-lm_head_fp32", DECODE, "bfloat16", it),
+                     "shim_fp32_head": _v1(bf16, vocab, "all", DECODE, "bfloat16", it)}, rounds, log)
+    out["fp32_head_tokens_per_s"] = head
+    steps = DECODE["params"]["max_tokens"]
+    tokens = DECODE["prompts"] * steps
+    measured_extra = tokens / head["shim_fp32_head"] - tokens / head["shim_bf16_head"]
+    theory = steps * (_head_matmul_seconds(DECODE["prompts"], hidden, vocab, torch.float32)
+                      - _head_matmul_seconds(DECODE["prompts"], hidden, vocab, torch.bfloat16))
+    out["fp32_head_extra_seconds"] = {"measured": measured_extra, "theoretical_matmul": theory}
+    ratios["fp32 head: bf16-model tokens/s with / without"] = head["shim_fp32_head"] / head["shim_bf16_head"]
+    log("prompt logprobs: processed (shim) vs raw (stock V1)")
+    prompt = _compare({"raw_stock_v1": _v1(fp32, vocab, "off", PROMPT, "float32", it),
+                       "processed_shim": _v1(fp32, vocab, "-lm_head_fp32", PROMPT, "float32", it)}, rounds, log)
+    out["prompt_tokens_per_s"] = prompt
+    ratios["prompt logprobs: processed time / raw time (target <= 1.10)"] = prompt["raw_stock_v1"] / prompt["processed_shim"]
+    out["ratios"] = ratios
+    return out
+
+
+def run(sections: list[str], repeats: int, hidden: int, layers: int, vocab: int, workdir: str | None,
+        v0_python: str | None = None, log=print) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the bare loads are closures sent to the worker
     import vllm_compat
@@ -149,11 +269,26 @@ def run(sections: list[str], repeats: int, hidden: int, layers: int, vocab: int,
               "vllm": vllm.__version__, "torch": torch.__version__, "model": str(model_dir)}
     if "weight_update" in sections:
         report["weight_update"] = asyncio.run(_weight_update(model_dir, repeats, log))
+    if "throughput" in sections:
+        v0 = v0_python or os.environ.get("VLLM_COMPAT_V0_PYTHON")
+        report["throughput"] = _throughput(root, hidden, layers, vocab, repeats, v0 if v0 and Path(v0).exists()
+                                           else None, log)
     return report
 
 
 def format_report(report: dict) -> str:
     lines = [f"vllm-compat bench  {report['date']}  {report['machine']}  vLLM {report['vllm']}  torch {report['torch']}"]
+    tp = report.get("throughput")
+    if tp:
+        lines.append(f"throughput  (median of {tp['rounds']} alternating rounds)")
+        for group in ("decode_tokens_per_s", "fp32_head_tokens_per_s", "prompt_tokens_per_s"):
+            for k, v in tp[group].items():
+                lines.append(f"  {group.split('_tokens')[0] + ': ' + k:<44} {v:9.1f} tokens/s")
+        e = tp["fp32_head_extra_seconds"]
+        lines.append(f"  {'fp32 head extra time: measured':<44} {e['measured']:9.3f} s")
+        lines.append(f"  {'fp32 head extra time: theoretical matmul':<44} {e['theoretical_matmul']:9.3f} s")
+        for k, v in tp["ratios"].items():
+            lines.append(f"  {k:<60} {v:6.3f}")
     wu = report.get("weight_update")
     if wu:
         lines.append(f"weight_update  (model {wu['model_bytes'] / 1e6:.0f} MB fp32, median of {wu['repeats']})")
@@ -169,6 +304,8 @@ def format_report(report: dict) -> str:
 
 
 def main(args) -> int:
-    report = run(args.section or ["weight_update"], args.repeats, args.hidden, args.layers, args.vocab, args.workdir)
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    report = run(args.section or ["throughput", "weight_update"], args.repeats, args.hidden, args.layers, args.vocab,
+                 args.workdir, args.v0_python, log)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0

@@ -48,12 +48,14 @@ def main(argv=None) -> int:
     v.add_argument("--scenario", action="append", help="only this scenario (repeatable)")
     v.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
     b = sub.add_parser("bench", help="side-by-side measurements printed as ratios (see vllm_compat/bench.py)")
-    b.add_argument("--section", action="append", choices=["weight_update"], help="only this section (repeatable)")
-    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--section", action="append", choices=["throughput", "weight_update"], help="only this section (repeatable)")
+    b.add_argument("--repeats", type=int, default=3, help="runs (weight_update) / alternating rounds (throughput)")
     b.add_argument("--hidden", type=int, default=512)
     b.add_argument("--layers", type=int, default=4)
     b.add_argument("--vocab", type=int, default=32000)
     b.add_argument("--workdir", help="where the benchmark model is built (default: TMPDIR/vllm-compat-bench)")
+    b.add_argument("--v0-python", help="python of a vLLM 0.8.5 environment (ci/v0/install.sh) for the V0 comparison "
+                                        "(default: $VLLM_COMPAT_V0_PYTHON)")
     b.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.cmd == "status":
