@@ -1,10 +1,11 @@
 """Pure helpers: V0's processing order, reimplemented in vllm_compat.processing."""
 import math
 
+import pytest
 import torch
 
 from vllm_compat.processing import (SamplingSpec, apply_min_p, apply_penalties, apply_top_k_top_p,
-                                    bin_counts, v0_processed_logprobs, v0_rank)
+                                    apply_top_k_top_p_sorted, bin_counts, v0_processed_logprobs, v0_rank)
 
 INF = float("inf")
 
@@ -69,3 +70,23 @@ def test_bf16_parameters_are_rounded_like_v0():
 def test_rank_counts_strictly_greater():
     row = torch.tensor([0.5, 0.9, 0.9, 0.1])
     assert v0_rank(row, 1) == 1 and v0_rank(row, 2) == 1 and v0_rank(row, 0) == 3
+
+
+@pytest.mark.parametrize("k", [1, 5, 50, 300])
+@pytest.mark.parametrize("p", [1.0, 0.95, 0.6, 0.1])
+def test_partial_sort_path_equals_v0_full_sort(k, p):
+    """The topk path (only the candidates sorted) gives V0's full-sort result exactly."""
+    g = torch.Generator().manual_seed(k * 100 + int(p * 100))
+    logits = torch.randn(64, 5000, generator=g) * 3
+    ks, ps = torch.full((64,), k), torch.full((64,), p)
+    ks[::3] = max(1, k // 2)  # rows with different k in one batch
+    fast = apply_top_k_top_p(logits.clone(), ks, ps)
+    assert torch.equal(fast, apply_top_k_top_p_sorted(logits.clone(), ks, ps))
+
+
+def test_partial_sort_path_keeps_ties_with_the_kth_value():
+    logits = (torch.randn(32, 2000, generator=torch.Generator().manual_seed(1)) * 4).round() / 4  # many ties
+    ks, ps = torch.full((32,), 20), torch.ones(32)
+    fast = apply_top_k_top_p(logits.clone(), ks, ps)
+    assert torch.equal(fast, apply_top_k_top_p_sorted(logits.clone(), ks, ps))
+    assert ((fast > -float("inf")).sum(-1) > 20).any()  # ties really kept beyond k

@@ -68,9 +68,36 @@ def apply_penalties(logits: torch.Tensor, prompt_counts: torch.Tensor, output_co
     return logits
 
 
+_MAX_CANDIDATES = 1024  # top-k up to this size takes the partial-sort path
+
+
 def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """V0 ``_apply_top_k_top_p``: sort ascending, top-k keeps ties with the k-th value, then
-    top-p on the top-k-renormalized distribution; at least one token survives."""
+    """V0 ``_apply_top_k_top_p``: top-k keeps ties with the k-th value, then top-p on the
+    top-k-renormalized distribution; at least one token survives. When every row has a
+    top-k below the vocabulary (the usual RL setting), only the kept candidates are sorted
+    (``topk``); otherwise, like V0, the whole vocabulary (``apply_top_k_top_p_sorted``)."""
+    rows, vocab = logits.shape
+    k = k.to(torch.long)
+    if rows == 0 or bool((k >= vocab).any()) or int(k.max()) > _MAX_CANDIDATES:
+        return apply_top_k_top_p_sorted(logits, k, p)
+    vals, idx = logits.topk(int(k.max()), dim=-1)  # descending
+    kth = vals.gather(1, (k - 1).unsqueeze(1))
+    kept = int((logits >= kth).sum(dim=-1).max())  # ties with the k-th value stay, as in V0
+    if kept > vals.shape[1]:
+        if kept > _MAX_CANDIDATES:
+            return apply_top_k_top_p_sorted(logits, k, p)
+        vals, idx = logits.topk(kept, dim=-1)
+    ascending = vals.masked_fill(vals < kth, -float("inf")).flip(-1)  # V0's sort order
+    probs_sum = ascending.softmax(dim=-1).cumsum(dim=-1)  # V0's zeros below the cut add nothing
+    top_p_mask = probs_sum <= 1 - p.unsqueeze(1)
+    top_p_mask[:, -1] = False
+    ascending.masked_fill_(top_p_mask, -float("inf"))
+    return torch.full_like(logits, -float("inf")).scatter_(dim=-1, index=idx.flip(-1), src=ascending)
+
+
+def apply_top_k_top_p_sorted(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """V0's own implementation: sort the whole vocabulary ascending, mask below the k-th
+    value, then mask the low tail whose cumulative probability is <= 1 - p."""
     logits_sort, logits_idx = logits.sort(dim=-1, descending=False)
     kth = logits_sort.gather(1, (logits_sort.size(1) - k.to(torch.long)).unsqueeze(1))
     logits_sort.masked_fill_(logits_sort < kth, -float("inf"))
