@@ -79,13 +79,6 @@ def worker_transport(worker, name: str, params: dict) -> WorkerTransport:
 
 # ---- file transport -------------------------------------------------------------------
 
-SAFETENSORS_DTYPES = {  # safetensors header names -> torch dtypes (float types and the usual ints)
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 def safetensors_files(path: str | os.PathLike) -> list[Path]:
     p = Path(path)
     return sorted(p.glob("*.safetensors")) if p.is_dir() else [p]

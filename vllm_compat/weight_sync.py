@@ -18,7 +18,9 @@ continued with the new weights. ``update_weights`` does the same on V1, atomical
      refreshes derived state (a tied head's packed copy; the fp32 head reads the live
      weight and needs nothing). Each worker loads its own tensor-parallel shard.
 
-Calls on one engine are serialised.
+Calls on one engine are serialised. What validation cannot catch (a weight loader raising
+half-way through step 3) cannot be rolled back either: the error propagates, the engine is
+resumed, and the caller should load a complete set of weights again.
 """
 from __future__ import annotations
 
