@@ -99,14 +99,9 @@ def native_load_update(llm, weights_dir: Path) -> None:
 
     weights = load_file(str(weights_dir / "model.safetensors"))
 
-    def load(worker):
-        runner = worker.model_runner
-        if hasattr(runner, "reload_weights"):  # repacks CPU/quantized weights after loading
-            runner.reload_weights(weights_iterator=iter(weights.items()))
-        else:
-            runner.model.load_weights(weights.items())
+    from .weight_sync import load_in_place
 
-    llm.collective_rpc(load)
+    llm.collective_rpc(lambda worker: load_in_place(worker.model_runner, weights))  # no derived-state refresh
 
 
 def temperature_scale(scenario: dict) -> float:

@@ -255,12 +255,18 @@ def commit(worker) -> dict:
         tensors.pop("lm_head.weight", None)
     runner = worker.model_runner
     in_flight = {rid: len(state.output_token_ids) for rid, state in getattr(runner, "requests", {}).items()}
+    load_in_place(runner, tensors)
+    _refresh_derived(runner.model)
+    return {"tensors": len(tensors), "bytes": received.nbytes, "in_flight": in_flight}
+
+
+def load_in_place(runner, tensors: dict[str, torch.Tensor]) -> None:
+    """vLLM's in-place reload where it exists (it re-runs weight post-processing such as CPU
+    weight packing); the model's own load_weights otherwise."""
     if hasattr(runner, "reload_weights"):
         runner.reload_weights(weights_iterator=iter(tensors.items()))
     else:
         runner.model.load_weights(tensors.items())
-    _refresh_derived(runner.model)
-    return {"tensors": len(tensors), "bytes": received.nbytes, "in_flight": in_flight}
 
 
 def _refresh_derived(model) -> None:
