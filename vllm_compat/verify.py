@@ -57,14 +57,15 @@ def _dtype(model_dir: Path) -> str:
     return json.loads((model_dir / "config.json").read_text())["torch_dtype"]
 
 
-def fp32_head_active() -> bool:
-    """Whether this process runs with an fp32 lm_head (the lm_head_fp32 fix), so that the
-    fp32-head V0 reference is the one to meet."""
-    try:
-        from . import registry  # noqa: F401  (arrives with the shim)
-    except ImportError:
-        return False
-    return "lm_head_fp32" in registry.applied()
+def fp32_head_active(llm=None) -> bool:
+    """Whether the engine computes the lm_head in fp32 (the lm_head_fp32 fix, or the patch
+    series' ``lm_head_dtype="float32"``), so that the fp32-head V0 reference is the one to meet."""
+    from . import registry
+
+    if "lm_head_fp32" in registry.applied():
+        return True
+    model_config = getattr(getattr(llm, "llm_engine", None), "model_config", None)
+    return getattr(model_config, "lm_head_dtype", None) == "float32"
 
 
 def make_engine(model_dir: Path, dtype: str, engine_args: dict, **overrides):
@@ -164,7 +165,7 @@ def verify_on(llm, model: str, refs: dict, models_dir: Path, only_scenarios=None
 
     mdir = models_dir / model
     dtype = _dtype(mdir)
-    judged = "v0_fp32_head" if fp32_head_active() and "v0_fp32_head" in refs else "v0"
+    judged = "v0_fp32_head" if fp32_head_active(llm) and "v0_fp32_head" in refs else "v0"
     load = load or load_update
     trainer = TrainerReference(mdir)
     rows = []
@@ -223,6 +224,21 @@ def to_json(rows: list[Row]) -> dict:
                       "references": clean(r.vs)} for r in rows]}
 
 
+def parse_engine_args(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> LLM(...) keyword arguments; VALUE is JSON if it parses
+    (numbers, true/false, objects), else a string."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"vllm-compat verify: --engine-arg wants KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main(args) -> int:
     import vllm
 
@@ -230,7 +246,8 @@ def main(args) -> int:
     log = (lambda s: print(s, file=sys.stderr)) if quiet else print
     log(f"vLLM {vllm.__version__}; fixtures {args.fixtures}")
     log(HEADER)
-    rows = verify(Path(args.fixtures), Path(args.models), args.model, args.scenario, log=log)
+    rows = verify(Path(args.fixtures), Path(args.models), args.model, args.scenario, log=log,
+                  **parse_engine_args(args.engine_arg or []))
     if not rows:
         print("no scenario matched", file=sys.stderr)
         return 2
