@@ -47,6 +47,13 @@ class Row:
     vs: dict = field(default_factory=dict)  # reference name -> metrics
     failures: list[str] = field(default_factory=list)
     results: list[dict] = field(default_factory=list, repr=False)  # the engine's raw outputs
+    # Every compared (kind, V1 logprob, judged-reference logprob) entry (golden.Tally.pairs).
+    pairs: list[tuple[str, float, float]] = field(default_factory=list, repr=False)
+    scale: float = 1.0  # temperature_scale of the scenario: the max-|Δ| limits are multiplied by it
+
+    def max_abs_limit(self) -> float | None:
+        limit = THRESHOLDS[self.dtype]["max_abs_vs_v0"]
+        return None if limit is None else limit * self.scale
 
     @property
     def passed(self) -> bool:
@@ -173,15 +180,16 @@ def verify_on(llm, model: str, refs: dict, models_dir: Path, only_scenarios=None
         if only_scenarios and sc["name"] not in only_scenarios:
             continue
         results = run_scenario(llm, sc, lambda name: load(llm, models_dir / name))
-        row = Row(model, sc["name"], dtype, judged, results=results)
+        row = Row(model, sc["name"], dtype, judged, results=results, scale=temperature_scale(sc))
         for ref_name, fx in refs.items():
             ref_sc = next(s for s in fx.scenarios if s["name"] == sc["name"])
-            row.vs[ref_name] = golden.compare_to_reference(results, ref_sc["results"])
+            row.vs[ref_name] = golden.compare_to_reference(results, ref_sc["results"],
+                                                           pairs=row.pairs if ref_name == judged else None)
         if not sc.get("update"):
             scores = golden.trainer_scores(trainer, sc, results)
             row.vs["trainer_processed"] = golden.compare_to_trainer(results, scores, "processed")
             row.vs["trainer_scaled"] = golden.compare_to_trainer(results, scores, "scaled")
-        judge(row, THRESHOLDS[dtype], temperature_scale(sc))
+        judge(row, THRESHOLDS[dtype], row.scale)
         rows.append(row)
         log(format_row(row))
     return rows
