@@ -50,6 +50,12 @@ def main(argv=None) -> int:
     v.add_argument("--engine-arg", action="append", metavar="KEY=VALUE",
                    help="extra LLM(...) argument, VALUE as JSON or a string (repeatable); e.g. compat_preset=v0 "
                         "on a vLLM built with the patch series")
+    v.add_argument("--plot", metavar="FILE.png",
+                   help="also run the other fix selection (stock V1 when this run has the shim, and vice versa) in a "
+                        "child process and draw, per scenario, V1 vs V0 reference logprobs and the |Δ| distribution "
+                        "of both side by side (needs matplotlib: pip install 'vllm-compat[plot]')")
+    v.add_argument("--plot-data", metavar="FILE.json",
+                   help="write the plotted numbers (per scenario and side: V1 and reference logprobs) as JSON")
     b = sub.add_parser("bench", help="side-by-side measurements printed as ratios (see vllm_compat/bench.py)")
     b.add_argument("--section", action="append", choices=["throughput", "weight_update"], help="only this section (repeatable)")
     b.add_argument("--repeats", type=int, default=3, help="runs (weight_update) / alternating rounds (throughput)")

@@ -8,6 +8,7 @@ floor (README, "Thresholds").
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -248,11 +249,29 @@ def parse_engine_args(items: list[str]) -> dict:
 
 
 def main(args) -> int:
+    plot_png, plot_data = getattr(args, "plot", None), getattr(args, "plot_data", None)
+    if plot_png:
+        from . import plot
+
+        try:
+            plot.require_matplotlib()  # before anything slow
+        except plot.PlotUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     import vllm
 
     quiet = args.json
     log = (lambda s: print(s, file=sys.stderr)) if quiet else print
     log(f"vLLM {vllm.__version__}; fixtures {args.fixtures}")
+    other = None
+    if plot_png:
+        # The other fix selection first, in a child process (plot.run_other_side), before this
+        # process has grown by its own engines.
+        try:
+            other = plot.run_other_side(args, plot.side_name(_applied()), log=log)
+        except plot.ChildFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     log(HEADER)
     rows = verify(Path(args.fixtures), Path(args.models), args.model, args.scenario, log=log,
                   **parse_engine_args(args.engine_arg or []))
@@ -260,8 +279,27 @@ def main(args) -> int:
         print("no scenario matched", file=sys.stderr)
         return 2
     n_fail = sum(not r.passed for r in rows)
+    if plot_png or plot_data:
+        from . import plot
+
+        this = plot.side_data(rows, _applied())
+        sides = {this["side"]: this}
+        if other is not None:
+            sides[other["side"]] = other
+        if plot_data:
+            plot.write_data(plot_data, sides)
+        if plot_png:
+            info = plot.render({"date": datetime.date.today().isoformat(), "sides": sides}, plot_png)
+            log(f"plot: {plot_png} ({info['width']}x{info['height']} px, {info['scenarios']} scenarios; "
+                f"{plot.summary(sides)})")
     if args.json:
         print(json.dumps(to_json(rows), indent=1))
     else:
         print(f"{len(rows) - n_fail} passed, {n_fail} failed")
     return 1 if n_fail else 0
+
+
+def _applied() -> list[str]:
+    from . import registry
+
+    return registry.applied()
