@@ -274,7 +274,7 @@ def render(data: dict, path: str | Path, per_row: int = 2) -> dict:
     ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(names), fontsize=9, frameon=False,
               borderaxespad=0.2)
 
-    gs = fig.add_gridspec(n_rows, len(widths), width_ratios=widths, left=0.045, right=0.99,
+    gs = fig.add_gridspec(n_rows, len(widths), width_ratios=widths, left=0.045, right=0.98,
                           top=grid_top, bottom=0.6 / height_in, hspace=0.62, wspace=0.32)
     bins = np.logspace(math.log10(DELTA_LO), math.log10(DELTA_HI), 45)
     for i, key in enumerate(keys):
