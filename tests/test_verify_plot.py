@@ -170,3 +170,15 @@ def test_missing_matplotlib_is_a_clear_error(monkeypatch, tmp_path, capsys):
     assert cli.main(["verify", "--plot", str(tmp_path / "x.png")]) == 2
     assert "pip install 'vllm-compat[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_no_matching_scenario_starts_no_child(tmp_path, capsys, monkeypatch):
+    from vllm_compat import cli
+
+    def no_child(*a, **k):
+        raise AssertionError("child process started")
+
+    monkeypatch.setattr(plot, "run_other_side", no_child)
+    assert cli.main(["verify", "--scenario", "no-such-scenario", "--plot", str(tmp_path / "x.png")]) == 2
+    assert "no scenario matched" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -165,15 +165,13 @@ def run_other_side(args, this_side: str, log=print) -> dict:
         log(f"{prefix}child process for the plot: {SIDE_TITLES[other]}")
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 errors="replace")
-        tail = []
         for line in proc.stdout:
             log(prefix + line.rstrip("\n"))
-            tail = (tail + [line])[-40:]
         rc = proc.wait()
         # 0: every row passed, 1: some failed (expected of stock V1); anything else is an error.
         if rc not in (0, 1) or not out.is_file():
             raise ChildFailed(f"verify --plot: the {SIDE_TITLES[other]} child process failed (exit {rc}); "
-                               f"last output:\n{''.join(tail)}")
+                              f"its output is above, prefixed with {prefix.strip()}")
         side = load_data(out)["sides"][other]
     here = str(Path(vllm_compat.__file__).resolve().parent)
     if side["package"] != here:
@@ -227,8 +225,9 @@ def render(data: dict, path: str | Path, per_row: int = 2) -> dict:
     over_bottom = top - overview_in / height_in
     grid_top = over_bottom - 2.2 / height_in  # room for the overview's rotated scenario names
     vllm_versions = sorted({sides[n]["vllm"] for n in names})
-    fig.suptitle(f"vllm-compat verify: V1 vs the V0 reference, per scenario   |   vLLM {', '.join(vllm_versions)}   |   "
-                 f"{data.get('date', datetime.date.today().isoformat())}\n{summary(sides)}",
+    date = data.get("date") or datetime.date.today().isoformat()
+    fig.suptitle(f"vllm-compat verify: V1 vs the V0 reference, per scenario   |   "
+                 f"vLLM {', '.join(vllm_versions)}   |   {date}\n{summary(sides)}",
                  fontsize=15, y=1 - 0.25 / height_in, va="top")
     legend = [Line2D([], [], ls="", marker="o", color=KIND_COLORS[k], label=f"{k} logprobs") for k in KINDS]
     legend += [Line2D([], [], ls="", marker="x", color="black", label="-inf on one side only (drawn at the edge)")]
@@ -298,7 +297,8 @@ def render(data: dict, path: str | Path, per_row: int = 2) -> dict:
             for kind in reversed(KINDS):  # prompt entries are the most numerous: drawn first
                 e, ref = a[kind]["engine"], a[kind]["reference"]
                 ok = np.isfinite(e) & np.isfinite(ref)
-                ax.scatter(ref[ok], e[ok], s=5 if kind == "prompt" else 7, alpha=0.6, color=KIND_COLORS[kind], linewidths=0, rasterized=True)
+                ax.scatter(ref[ok], e[ok], s=5 if kind == "prompt" else 7, alpha=0.6, color=KIND_COLORS[kind],
+                           linewidths=0)
             e, ref = a["all"]["engine"], a["all"]["reference"]
             one = np.isfinite(e) != np.isfinite(ref)
             ax.scatter(np.where(np.isfinite(ref[one]), ref[one], edge), np.where(np.isfinite(e[one]), e[one], edge),

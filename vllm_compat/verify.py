@@ -167,6 +167,13 @@ def verify(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenario
     return rows
 
 
+def selected(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenarios=None) -> list[tuple[str, str]]:
+    """The (model, scenario) pairs ``verify`` would run, without starting an engine."""
+    return [(f.model, sc["name"]) for f in golden.load_all(fixtures_dir, models_dir) if f.reference == "v0"
+            if not only_models or f.model in only_models
+            for sc in f.scenarios if not only_scenarios or sc["name"] in only_scenarios]
+
+
 def verify_on(llm, model: str, refs: dict, models_dir: Path, only_scenarios=None, log=print, load=None) -> list[Row]:
     """Replay one model's scenarios on an engine the caller made (``make_engine``)."""
     from .trainer_reference import TrainerReference
@@ -265,6 +272,9 @@ def main(args) -> int:
     log(f"vLLM {vllm.__version__}; fixtures {args.fixtures}")
     other = None
     if plot_png:
+        if not selected(Path(args.fixtures), Path(args.models), args.model, args.scenario):
+            print("no scenario matched", file=sys.stderr)  # before starting a child for nothing
+            return 2
         # The other fix selection first, in a child process (plot.run_other_side), before this
         # process has grown by its own engines.
         try:
