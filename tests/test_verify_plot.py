@@ -182,3 +182,12 @@ def test_no_matching_scenario_starts_no_child(tmp_path, capsys, monkeypatch):
     assert cli.main(["verify", "--scenario", "no-such-scenario", "--plot", str(tmp_path / "x.png")]) == 2
     assert "no scenario matched" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sides_of_the_patch_series_route():
+    """`VLLM_COMPAT=off verify --engine-arg compat_preset=v0` (a patched vLLM) is the side that
+    changes V1; its child runs stock V1 (no fixes, no engine arguments)."""
+    assert plot.side_name([], {}) == "stock" and plot.side_label([], {}) == "stock V1"
+    assert plot.side_name(["logprobs"]) == "shim" and plot.side_label(["logprobs"]) == "V1+shim"
+    assert plot.side_name([], {"compat_preset": "v0"}) == "shim"
+    assert plot.side_label([], {"compat_preset": "v0"}) == "V1 + compat_preset=v0"

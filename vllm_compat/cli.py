@@ -51,9 +51,10 @@ def main(argv=None) -> int:
                    help="extra LLM(...) argument, VALUE as JSON or a string (repeatable); e.g. compat_preset=v0 "
                         "on a vLLM built with the patch series")
     v.add_argument("--plot", metavar="FILE.png",
-                   help="also run the other fix selection (stock V1 when this run has the shim, and vice versa) in a "
-                        "child process and draw, per scenario, V1 vs V0 reference logprobs and the |Δ| distribution "
-                        "of both side by side (needs matplotlib: pip install 'vllm-compat[plot]')")
+                   help="also run the other side in a child process (stock V1 when this run has the shim or "
+                        "--engine-arg; the shim when it is stock) and draw, per scenario, V1 vs V0 reference logprobs "
+                        "and the |Δ| distribution of both side by side (needs matplotlib: "
+                        "pip install 'vllm-compat[plot]')")
     v.add_argument("--plot-data", metavar="FILE.json",
                    help="write the plotted numbers (per scenario and side: V1 and reference logprobs) as JSON")
     b = sub.add_parser("bench", help="side-by-side measurements printed as ratios (see vllm_compat/bench.py)")

@@ -58,11 +58,26 @@ def require_matplotlib():
 
 # ------------------------------------------------------------------------------ data
 
-def side_name(applied: list[str]) -> str:
-    return "shim" if applied else "stock"
+def side_name(applied: list[str], engine_args: dict | None = None) -> str:
+    """"shim": the run changes V1 (fixes applied, or engine arguments such as the patch series'
+    compat_preset=v0); "stock": it does not."""
+    return "shim" if applied or engine_args else "stock"
 
 
-def side_data(rows, applied: list[str]) -> dict:
+def side_label(applied: list[str], engine_args: dict | None = None) -> str:
+    if not applied and not engine_args:
+        return SIDE_TITLES["stock"]
+    return " + ".join(["V1+shim" if applied else "V1"] + [f"{k}={v}" for k, v in (engine_args or {}).items()])
+
+
+def _describe(side: dict) -> str:
+    what = f"fixes {', '.join(side['applied'])}" if side["applied"] else "no fixes"
+    if side.get("engine_args"):
+        what += "; engine args " + ", ".join(f"{k}={v}" for k, v in side["engine_args"].items())
+    return f"{side['label']}: {what}"
+
+
+def side_data(rows, applied: list[str], engine_args: dict | None = None) -> dict:
     """One side (one fix selection) of the plot from verify's rows, JSON-serialisable."""
     import vllm
 
@@ -80,7 +95,8 @@ def side_data(rows, applied: list[str]) -> dict:
                          "limit": r.max_abs_limit(),
                          "max_abs": {k: _enc_max(ref[f"{k}_max_abs"]) for k in KINDS},
                          "pairs": pairs})
-    return {"side": side_name(applied), "applied": list(applied), "vllm": vllm.__version__,
+    return {"side": side_name(applied, engine_args), "label": side_label(applied, engine_args),
+            "applied": list(applied), "engine_args": dict(engine_args or {}), "vllm": vllm.__version__,
             "package": str(Path(package_file).resolve().parent),
             "passed": sum(r["passed"] for r in out_rows), "total": len(out_rows), "rows": out_rows}
 
@@ -143,7 +159,8 @@ def run_other_side(args, this_side: str, log=print) -> dict:
     """Run verify with the opposite selection in a child process; returns its side_data.
     The child's output is relayed through ``log`` with a prefix. Same vllm_compat as this
     process (its directory goes first on the child's sys.path), same python, same selection
-    of models and scenarios."""
+    of models and scenarios; no --engine-arg (those belong to the side that changes V1: with
+    the patch series' compat_preset=v0, the stock side is the same vLLM without it)."""
     import vllm_compat
 
     other = "stock" if this_side == "shim" else "shim"
@@ -192,7 +209,7 @@ def _scenario_order(sides: dict) -> list[tuple[str, str]]:
 
 
 def summary(sides: dict) -> str:
-    return "; ".join(f"{SIDE_TITLES[n]}: {s['passed']}/{s['total']} passed"
+    return "; ".join(f"{_label(s, n)}: {s['passed']}/{s['total']} passed"
                      for n, s in sorted(sides.items(), key=lambda kv: kv[0] != "stock"))
 
 
@@ -218,23 +235,24 @@ def render(data: dict, path: str | Path, per_row: int = 2) -> dict:
     panel_in = 2.35
     width_in = panel_in * sum(widths) + 1.0
     overview_in = 3.6
-    height_in = 1.6 + overview_in + 2.2 + n_rows * (panel_in + 0.75)
+    height_in = 1.9 + overview_in + 2.2 + n_rows * (panel_in + 0.75)
     fig = Figure(figsize=(width_in, height_in), dpi=90)
     FigureCanvasAgg(fig)
-    top = 1 - 1.6 / height_in
+    top = 1 - 1.9 / height_in
     over_bottom = top - overview_in / height_in
     grid_top = over_bottom - 2.2 / height_in  # room for the overview's rotated scenario names
     vllm_versions = sorted({sides[n]["vllm"] for n in names})
     date = data.get("date") or datetime.date.today().isoformat()
     fig.suptitle(f"vllm-compat verify: V1 vs the V0 reference, per scenario   |   "
-                 f"vLLM {', '.join(vllm_versions)}   |   {date}\n{summary(sides)}",
+                 f"vLLM {', '.join(vllm_versions)}   |   {date}\n{summary(sides)}\n"
+                 + "   |   ".join(_describe(dict(sides[n], label=_label(sides[n], n))) for n in names),
                  fontsize=15, y=1 - 0.25 / height_in, va="top")
     legend = [Line2D([], [], ls="", marker="o", color=KIND_COLORS[k], label=f"{k} logprobs") for k in KINDS]
     legend += [Line2D([], [], ls="", marker="x", color="black", label="-inf on one side only (drawn at the edge)")]
-    legend += [Line2D([], [], color=SIDE_COLORS[n], lw=2, label=f"{SIDE_TITLES[n]} |Δ|") for n in names]
+    legend += [Line2D([], [], color=SIDE_COLORS[n], lw=2, label=f"{_label(sides[n], n)} |Δ|") for n in names]
     legend += [Line2D([], [], color="black", ls="--", label="verify's gate (max |Δ|, scaled by 1/T)")]
     fig.legend(handles=legend, loc="upper center", ncol=len(legend), fontsize=10, frameon=False,
-               bbox_to_anchor=(0.5, 1 - 0.95 / height_in))
+               bbox_to_anchor=(0.5, 1 - 1.25 / height_in))
 
     # Overview: worst |Δ| / gate for every scenario and side.
     ax = fig.add_axes((0.05, over_bottom, 0.93, top - over_bottom - 0.25 / height_in))
@@ -250,7 +268,7 @@ def render(data: dict, path: str | Path, per_row: int = 2) -> dict:
         shown = np.where(np.isinf(ratio), ceil * 10, np.clip(ratio, floor, ceil))
         off = -0.15 if n == "stock" else 0.15
         ax.scatter(x + off, shown, s=22, marker="o" if n == "shim" else "s", color=SIDE_COLORS[n],
-                   label=f"{SIDE_TITLES[n]} ({sides[n]['passed']}/{sides[n]['total']} passed)", zorder=3)
+                   label=f"{_label(sides[n], n)} ({sides[n]['passed']}/{sides[n]['total']} passed)", zorder=3)
     ax.axhline(1.0, color="black", ls="--", lw=1)
     ax.set_yscale("log")
     ax.set_ylim(floor / 2, ceil * 20)
@@ -312,7 +330,7 @@ def render(data: dict, path: str | Path, per_row: int = 2) -> dict:
                 ax.set_ylabel("V1 logprob", fontsize=7, labelpad=1)
             worst = row_max(r)
             verdict = "ok" if r["passed"] else "FAIL"
-            ax.set_title(f"{SIDE_TITLES[n]}: {verdict}, max |Δ| {_g(worst)}", fontsize=8,
+            ax.set_title(f"{_label(sides[n], n)}: {verdict}, max |Δ| {_g(worst)}", fontsize=8,
                          color="darkgreen" if r["passed"] else "firebrick")
             if j == 0:
                 ax.text(0.0, 1.2, f"{key[0]} / {key[1]}", transform=ax.transAxes, fontsize=10,
@@ -339,10 +357,14 @@ def render(data: dict, path: str | Path, per_row: int = 2) -> dict:
         ax.set_xticks([1e-8, 1e-6, 1e-4, 1e-2, 1e0, 1e2])
         ax.tick_params(labelsize=7)
         ax.set_xlabel("|Δ| (0 in the first bin, inf in the last)", fontsize=7, labelpad=1)
-        ax.set_title("|Δlogprob| " + " vs ".join(f"{SIDE_TITLES[n]}" for n in names), fontsize=8)
+        ax.set_title("|Δlogprob| distribution", fontsize=8)
     fig.savefig(path, format="png")
     w, h = fig.canvas.get_width_height()
     return {"width": w, "height": h, "scenarios": len(keys)}
+
+
+def _label(side: dict, name: str) -> str:
+    return side.get("label") or SIDE_TITLES[name]
 
 
 def _g(x: float) -> str:

@@ -270,6 +270,7 @@ def main(args) -> int:
     quiet = args.json
     log = (lambda s: print(s, file=sys.stderr)) if quiet else print
     log(f"vLLM {vllm.__version__}; fixtures {args.fixtures}")
+    engine_args = parse_engine_args(args.engine_arg or [])
     other = None
     if plot_png:
         if not selected(Path(args.fixtures), Path(args.models), args.model, args.scenario):
@@ -278,13 +279,12 @@ def main(args) -> int:
         # The other fix selection first, in a child process (plot.run_other_side), before this
         # process has grown by its own engines.
         try:
-            other = plot.run_other_side(args, plot.side_name(_applied()), log=log)
+            other = plot.run_other_side(args, plot.side_name(_applied(), engine_args), log=log)
         except plot.ChildFailed as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     log(HEADER)
-    rows = verify(Path(args.fixtures), Path(args.models), args.model, args.scenario, log=log,
-                  **parse_engine_args(args.engine_arg or []))
+    rows = verify(Path(args.fixtures), Path(args.models), args.model, args.scenario, log=log, **engine_args)
     if not rows:
         print("no scenario matched", file=sys.stderr)
         return 2
@@ -292,7 +292,7 @@ def main(args) -> int:
     if plot_png or plot_data:
         from . import plot
 
-        this = plot.side_data(rows, _applied())
+        this = plot.side_data(rows, _applied(), engine_args)
         sides = {this["side"]: this}
         if other is not None:
             sides[other["side"]] = other
