@@ -181,4 +181,4 @@ if [ ! -f "$stamp" ]; then
   "$venv/bin/row-env" "$venv/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
   echo "$row" > "$stamp"
 fi
-echo "environment ready in $(( $(date +%s) - start ))s: $venv (row $row; size $(du -sh "$venv" | cut -f1))"
+echo "environment ready in $(( $(date +%s) - start ))s: $venv (row $row; size $(du -shH "$venv" | cut -f1))"
