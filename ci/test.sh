@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build each CI row's environment (ci/install.sh) and run the test suite on it.
-# Usage: bash ci/test.sh [ROW ...]   (default: the rows CI runs, 0.32.0 then 0.18.1)
+# Usage: bash ci/test.sh [ROW ...]   (default: the rows CI runs, 0.32.0 then 0.18.1; CI's 90-minute budget
+# holds those two. Any row of ci/install.sh's ROWS table can be named, e.g. `bash ci/test.sh 0.15.1`;
+# ci/matrix.md records where each row was last run.)
 # Row 0.32.0 uses .venv (the README's environment), other rows .venv-ROW.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"

@@ -4,7 +4,7 @@ state, which would break that file's module-scoped engine."""
 import pytest
 
 import vllm_compat
-from vllm_compat import golden, verify, weight_sync
+from vllm_compat import golden, verify, versions, weight_sync
 from vllm_compat.golden import GOLDEN_DIR
 
 pytestmark = pytest.mark.engine
@@ -43,6 +43,11 @@ def test_stock_pause_that_clears_caches_misses_v0(stock):
     with the new weights, which V0 never did. Prefix caching is off, so only the pause differs."""
     def pause_clear_reload(llm, weights_dir):
         core = llm.llm_engine.engine_core.engine_core
+        if not versions.has_scheduler_pause(core):
+            pytest.skip("this vLLM has no engine-core pause (EngineCore.pause_scheduler, 0.18.1 and later): its "
+                        "AsyncLLM.pause_generation aborts or drains in-flight requests, so there is no "
+                        "cache-clearing pause that keeps them running to compare against (the keep-reload half "
+                        "of this test ran and passed)")
         core.pause_scheduler(mode="keep", clear_cache=True)
         try:
             verify.native_load_update(llm, weights_dir)

@@ -54,3 +54,23 @@ def has_keep_mode_pause(async_engine) -> bool:
         return False
     params = inspect.signature(pause).parameters
     return "mode" in params and "clear_cache" in params
+
+
+def has_iterator_reload(model_runner) -> bool:
+    """``model_runner.reload_weights(weights_iterator=...)``: load the given tensors in place
+    and re-run weight post-processing (CPU GEMM packing, quantization) layer by layer
+    (0.18.1 and later). 0.15.1's ``reload_weights()`` takes no arguments and re-reads the
+    checkpoint from disk. Checked on the signature: the argument arrived between the rows."""
+    import inspect
+
+    reload = getattr(model_runner, "reload_weights", None)
+    if reload is None:
+        return False
+    return "weights_iterator" in inspect.signature(reload).parameters
+
+
+def has_scheduler_pause(engine_core) -> bool:
+    """``EngineCore.pause_scheduler(mode=..., clear_cache=...)``: the engine core's own pause,
+    which ``AsyncLLM.pause_generation`` drives from 0.18.1 on. 0.15.1 pauses in the client only
+    (``pause_generation`` aborts or drains in-flight requests, then clears caches)."""
+    return hasattr(engine_core, "pause_scheduler")

@@ -237,6 +237,12 @@ def stage(worker, transport_name: str, params: dict) -> list[str]:
     except Exception as e:  # unreadable / corrupt / missing input: a refusal, not a crash
         return [f"{type(e).__name__}: {e}"]
     problems = validate(worker, received.meta)
+    if not versions.has_iterator_reload(worker.model_runner):
+        dropped = dropped_weights(worker.model_runner.model)
+        if dropped:
+            problems.append(f"this vLLM cannot update {', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''} in "
+                            "place: its GEMM weights were packed and the originals dropped, and its "
+                            "reload_weights() cannot take tensors (it arrived in vLLM 0.18)")
     if not problems:
         worker.__dict__["_vllm_compat_staged"] = received
     return problems
@@ -261,12 +267,29 @@ def commit(worker) -> dict:
 
 
 def load_in_place(runner, tensors: dict[str, torch.Tensor]) -> None:
-    """vLLM's in-place reload where it exists (it re-runs weight post-processing such as CPU
-    weight packing); the model's own load_weights otherwise."""
-    if hasattr(runner, "reload_weights"):
+    """vLLM's in-place reload where it takes tensors (it re-runs weight post-processing such as
+    CPU weight packing layer by layer); elsewhere the model's own load_weights, then each loaded
+    layer's post-processing again (``dropped_weights`` refuses models where that cannot work)."""
+    if versions.has_iterator_reload(runner):
         runner.reload_weights(weights_iterator=iter(tensors.items()))
-    else:
-        runner.model.load_weights(tensors.items())
+        return
+    model = runner.model
+    loaded = model.load_weights(tensors.items())
+    names = loaded if loaded is not None else [n for n, _ in model.named_parameters()]
+    for module_name in sorted({n.rpartition(".")[0] for n in names}):
+        module = model.get_submodule(module_name)
+        method = getattr(module, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
+
+
+def dropped_weights(model) -> list[str]:
+    """Layers whose load-time weight vLLM replaced by a processed copy and dropped (on CPU: the
+    packed oneDNN / SGL GEMM weights). Without an in-place reload that restores and re-processes
+    layers (``versions.has_iterator_reload``), such a layer cannot take new weights."""
+    return sorted(name for name, module in model.named_modules()
+                  if getattr(module, "quant_method", None) is not None
+                  and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.numel() == 0)
 
 
 def _refresh_derived(model) -> None:
