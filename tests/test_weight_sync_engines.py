@@ -68,3 +68,38 @@ def test_stock_pause_that_clears_caches_misses_v0(stock):
             assert in_flight["sampled_max_abs"] <= limit and in_flight["token_agreement"] == 1.0
         else:
             assert in_flight["sampled_max_abs"] > 100 * limit or in_flight["token_agreement"] < 1.0
+
+
+def _head_state(worker):
+    model = worker.model_runner.get_model()
+    head, embed = model.lm_head.weight, model.model.embed_tokens.weight
+    return {"head_dtype": str(head.dtype), "embed_dtype": str(embed.dtype),
+            "shared": head.data_ptr() == embed.data_ptr(), "head_sum": float(head.double().sum())}
+
+
+@pytest.mark.parametrize("model, untied", [("llama-bf16", True), ("qwen2-tied-bf16", False)])
+def test_fp32_head_storage_on_cpu_follows_updates(shim, model, untied):
+    """lm_head_fp32 on CPU stores an untied bf16 head's weight in fp32 once (no per-step
+    conversion), leaves a tied head (the embedding's tensor) alone, and an update still lands
+    in it. That the logits are bit for bit unchanged is checked against the patch series,
+    which converts at every step (test_patches.py: patched == shim)."""
+    import torch
+    from safetensors.torch import load_file
+
+    mdir = MODELS / model
+    llm = verify.make_engine(mdir, "bfloat16", {"max_model_len": 512})
+    try:
+        before = llm.collective_rpc(_head_state)[0]
+        assert before["embed_dtype"] == "torch.bfloat16"
+        if not untied:
+            assert before["shared"] and before["head_dtype"] == "torch.bfloat16"
+            return
+        assert not before["shared"] and before["head_dtype"] == "torch.float32"
+        head = load_file(str(mdir / "model.safetensors"))["lm_head.weight"]
+        new = (head.float() * 1.5).to(torch.bfloat16)
+        vllm_compat.update_weights(llm, [("lm_head.weight", new)])
+        after = llm.collective_rpc(_head_state)[0]
+        assert after["head_dtype"] == "torch.float32"
+        assert after["head_sum"] == float(new.double().sum()) != before["head_sum"]
+    finally:
+        del llm

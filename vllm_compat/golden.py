@@ -177,14 +177,19 @@ class Tally:
     compared_positions: int = 0
     k3_sum: float = 0.0
     k3_n: int = 0
+    # When a list: every compared entry as (kind, engine logprob, reference logprob), kind one
+    # of "sampled", "topk", "prompt" (what `verify --plot` draws; the maxima above come from it).
+    pairs: list | None = None
 
-    def positions(self, mine: dict, ref: dict, sampled_token: int | None) -> None:
+    def positions(self, mine: dict, ref: dict, sampled_token: int | None, kind: str | None = None) -> None:
         """Compare one position's logprob dicts (same context on both sides)."""
         for tok in mine.keys() & ref.keys():
             (a, ra), (b, rb) = mine[tok], ref[tok]
             self.mask_total += 1
             self.mask_agree += (a == -math.inf) == (b == -math.inf)
             d = abs_diff(a, b)
+            if self.pairs is not None:
+                self.pairs.append((kind or ("sampled" if tok == sampled_token else "topk"), a, b))
             if tok == sampled_token:
                 self.sampled_max = max(self.sampled_max, d)
                 self.k3_sum += k3(b, a)
@@ -206,21 +211,22 @@ class Tally:
                 "k3": None if self.k3_n == 0 else self.k3_sum / self.k3_n}
 
 
-def compare_to_reference(results: list[dict], reference: list[dict]) -> dict:
+def compare_to_reference(results: list[dict], reference: list[dict], pairs: list | None = None) -> dict:
     """Engine results vs a reference engine's results, request by request.
 
     Sampled positions are compared while both sides share the context: up to and
     including the first position where the sampled tokens differ (the distribution there
     is still comparable; the sampled-token logprob only where both sampled the same token).
+    ``pairs``: a list that receives every compared entry (``Tally.pairs``).
     """
-    t = Tally()
+    t = Tally(pairs=pairs)
     for mine, ref in zip(results, reference, strict=True):
         # Compared where both sides have them: V0 0.8.5 returns none for n > 1 requests.
         both = mine["prompt_logprobs"] is not None and ref["prompt_logprobs"] is not None
         for pm, pr in zip(mine["prompt_logprobs"] if both else [], ref["prompt_logprobs"] if both else []):
             dm, dr = as_dict(pm), as_dict(pr)
-            sub = Tally()
-            sub.positions(dm, dr, None)
+            sub = Tally(pairs=pairs)
+            sub.positions(dm, dr, None, kind="prompt")
             t.prompt_max = max(t.prompt_max, sub.topk_max)
             t.mask_agree += sub.mask_agree
             t.mask_total += sub.mask_total

