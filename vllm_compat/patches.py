@@ -23,6 +23,8 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,21 +133,42 @@ class NoRelease(PatchError):
     pass
 
 
+def _read_url(url: str, timeout: float) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+def _with_retries(step, attempts: int = 4, first_wait_s: float = 5.0):
+    """``step()``, tried again after network errors (registry links drop large downloads part-way)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return step()
+        except urllib.error.HTTPError as e:
+            if e.code < 500 or attempt == attempts:   # 404 and the like will not get better
+                raise
+        except (urllib.error.URLError, OSError):
+            if attempt == attempts:
+                raise
+        time.sleep(first_wait_s * attempt)
+
+
 def _download(project: str, filename: str) -> Path:
     """A release file from the package index, cached; checked against the index's sha256."""
     dest = cache_dir() / "releases" / filename
     if dest.is_file():
         return dest
-    with urllib.request.urlopen(f"{PYPI_SIMPLE}/{project}/", timeout=60) as r:
-        index = r.read().decode()
+    index = _with_retries(lambda: _read_url(f"{PYPI_SIMPLE}/{project}/", timeout=60).decode())
     m = re.search(rf'href="([^"]*/{re.escape(filename)})(?:#sha256=([0-9a-f]+))?"', index)
     if not m:
         raise NoRelease(f"no {filename} on {PYPI_SIMPLE}/{project}/")
     url, digest = m.group(1), m.group(2)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".part")
-    with urllib.request.urlopen(url, timeout=300) as r, open(tmp, "wb") as f:
-        shutil.copyfileobj(r, f)
+    def fetch() -> None:
+        with urllib.request.urlopen(url, timeout=300) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+
+    _with_retries(fetch)
     if digest:
         from .golden import sha256
 
