@@ -90,3 +90,59 @@ def test_partial_sort_path_keeps_ties_with_the_kth_value():
     fast = apply_top_k_top_p(logits.clone(), ks, ps)
     assert torch.equal(fast, apply_top_k_top_p_sorted(logits.clone(), ks, ps))
     assert ((fast > -float("inf")).sum(-1) > 20).any()  # ties really kept beyond k
+
+
+def _full_row_reference(logits, specs):
+    """V0 literally: divide the whole row, sort the whole vocabulary, log_softmax the whole row."""
+    temps = torch.tensor([s.temperature for s in specs]).unsqueeze(1)
+    ks = torch.tensor([s.top_k for s in specs])
+    ps = torch.tensor([s.top_p for s in specs])
+    return torch.log_softmax(apply_top_k_top_p_sorted(logits / temps, ks, ps), dim=-1)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.8, 3.0])
+def test_candidate_logprobs_equal_the_full_row_computation(temperature, ties):
+    """With top-k set (and no min-p), the processed logprobs come from the candidates alone:
+    same kept set, same values up to the rounding of the normalising sum."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(48, 4000, generator=g) * 3
+    if ties:  # ties with the k-th value, also past the candidates
+        logits = (logits * 2).round() / 2
+    specs = [SamplingSpec(temperature=temperature, top_k=k, top_p=p)
+             for k, p in zip([50, 5, 200] * 16, [0.95, 1.0, 0.6, 0.9] * 12)]
+    out = v0_processed_logprobs(logits, specs)
+    ref = _full_row_reference(logits, specs)
+    if ties:
+        # Which of several tied tokens a top-p cut drops follows the sort's order of equal values,
+        # which V0 left to torch (its CPU sort is not stable); how many are kept, and their
+        # values, do not depend on it.
+        assert ((~torch.isinf(out[1::3])).sum(-1) > 5).any()  # rows with k=5 kept ties beyond k
+        out, ref = out.sort(dim=-1).values, ref.sort(dim=-1).values
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    kept = ~torch.isinf(ref)
+    assert torch.allclose(out[kept], ref[kept], rtol=0, atol=2e-6)
+
+
+def test_division_by_temperature_can_create_ties_at_the_kth_value():
+    """x / T is monotonic but not strictly: two raw values can round to one after division;
+    the candidate path must then keep both, like the full-row division does."""
+    a = torch.tensor(1.5)
+    b = torch.nextafter(a, torch.tensor(0.0))  # b < a, but b / 0.7 == a / 0.7 in fp32
+    assert b < a and b / 0.7 == a / 0.7
+    logits = torch.tensor([[2.0, a.item(), b.item(), -1.0, -2.0]])
+    spec = SamplingSpec(temperature=0.7, top_k=2)
+    out = v0_processed_logprobs(logits, [spec])
+    assert (~torch.isinf(out)).sum().item() == 3
+    assert torch.allclose(out, _full_row_reference(logits, [spec]), rtol=0, atol=1e-6)
+
+
+def test_compiled_rank_count_equals_the_eager_count():
+    from vllm_compat.fixes.logprobs import _count_greater_eager, v0_rank
+
+    g = torch.Generator().manual_seed(3)
+    for rows in (1, 2, 37):
+        x = torch.randn(rows, 3000, generator=g)
+        x[:, ::7] = -INF  # processed rows: -inf outside the kept set
+        values = torch.cat([x[:, :1], x[:, 7:8], torch.full((rows, 1), -INF)])[torch.randperm(3 * rows)[:rows]]
+        assert torch.equal(v0_rank(x, values), _count_greater_eager(x, values) + 1)

@@ -76,23 +76,49 @@ def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) ->
     top-k-renormalized distribution; at least one token survives. When every row has a
     top-k below the vocabulary (the usual RL setting), only the kept candidates are sorted
     (``topk``); otherwise, like V0, the whole vocabulary (``apply_top_k_top_p_sorted``)."""
+    found = _top_k_candidates(logits, k)
+    if found is None:
+        return apply_top_k_top_p_sorted(logits, k, p)
+    ascending, idx = _top_p_ascending(*found, p)
+    return torch.full_like(logits, -float("inf")).scatter_(dim=-1, index=idx, src=ascending)
+
+
+def _top_k_candidates(logits: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor | None = None):
+    """-> (values, indices, k-th values) of each row's top-k candidates, ties with the k-th
+    value included, values descending and divided by ``temperature`` ([rows]) if given;
+    None where the whole vocabulary must be sorted (a top-k off or above _MAX_CANDIDATES)."""
     rows, vocab = logits.shape
     k = k.to(torch.long)
     if rows == 0 or bool((k >= vocab).any()) or int(k.max()) > _MAX_CANDIDATES:
-        return apply_top_k_top_p_sorted(logits, k, p)
-    vals, idx = logits.topk(int(k.max()), dim=-1)  # descending
+        return None
+    k_max = int(k.max())
+    # topk of the raw row equals topk of the row divided by T > 0 (division is monotonic), so
+    # only the candidates are divided. One candidate more than the largest k: if it is below
+    # every row's k-th value, no tie with a k-th value lies outside the candidates (a count
+    # over the whole row would cost more than the topk).
+    vals, idx = logits.topk(k_max + 1, dim=-1)
+    if temperature is not None:
+        vals = vals / temperature.unsqueeze(1)
     kth = vals.gather(1, (k - 1).unsqueeze(1))
-    kept = int((logits >= kth).sum(dim=-1).max())  # ties with the k-th value stay, as in V0
-    if kept > vals.shape[1]:
-        if kept > _MAX_CANDIDATES:
-            return apply_top_k_top_p_sorted(logits, k, p)
-        vals, idx = logits.topk(kept, dim=-1)
+    if bool((vals[:, -1:] < kth).all()):
+        return vals[:, :-1], idx[:, :-1], kth
+    # Ties with the k-th value stay, as in V0 (division by T can create them, too): keep them all.
+    full = logits if temperature is None else logits / temperature.unsqueeze(1)
+    kept = int((full >= kth).sum(dim=-1, dtype=torch.int32).max())
+    if kept > _MAX_CANDIDATES:
+        return None
+    vals, idx = full.topk(kept, dim=-1)
+    return vals, idx, kth
+
+
+def _top_p_ascending(vals: torch.Tensor, idx: torch.Tensor, kth: torch.Tensor, p: torch.Tensor):
+    """V0's top-k mask and top-p cut on descending candidates -> (values, indices) in V0's
+    ascending order, -inf where dropped."""
     ascending = vals.masked_fill(vals < kth, -float("inf")).flip(-1)  # V0's sort order
     probs_sum = ascending.softmax(dim=-1).cumsum(dim=-1)  # V0's zeros below the cut add nothing
     top_p_mask = probs_sum <= 1 - p.unsqueeze(1)
     top_p_mask[:, -1] = False
-    ascending.masked_fill_(top_p_mask, -float("inf"))
-    return torch.full_like(logits, -float("inf")).scatter_(dim=-1, index=idx.flip(-1), src=ascending)
+    return ascending.masked_fill_(top_p_mask, -float("inf")), idx.flip(-1)
 
 
 def apply_top_k_top_p_sorted(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -139,12 +165,22 @@ def v0_processed_logprobs(logits: torch.Tensor, specs: Sequence[SamplingSpec],
                                  col([s.frequency_penalty for s in specs]),
                                  col([s.presence_penalty for s in specs]))
     logits = logits.to(torch.float32)
-    temps = col([1.0 if s.greedy else s.temperature for s in specs])
-    logits = logits / temps.to(torch.float32).unsqueeze(1)
+    temps = col([1.0 if s.greedy else s.temperature for s in specs]).to(torch.float32)
     if any(s.top_k != -1 or s.top_p < 1.0 for s in specs):
         ks = torch.tensor([vocab if s.top_k == -1 else min(s.top_k, vocab) for s in specs])
         # ps stays in the parameter dtype: V0 computes ``1 - p`` in it (bf16 with bf16 logits).
-        logits = apply_top_k_top_p(logits, ks, col([s.top_p for s in specs]))
+        ps = col([s.top_p for s in specs])
+        found = None if any(s.min_p > 0 for s in specs) else _top_k_candidates(logits, ks, temps)
+        if found is not None:
+            # Everything outside the candidates is -inf, so the log-softmax of the candidates alone,
+            # scattered into a -inf row, is the same distribution (the normalising sum differs from
+            # the full row's by rounding only) without two passes over the vocabulary.
+            ascending, idx = _top_p_ascending(*found, ps)
+            return torch.full_like(logits, -float("inf")).scatter_(-1, idx, ascending.log_softmax(dim=-1))
+        logits = logits / temps.unsqueeze(1)
+        logits = apply_top_k_top_p(logits, ks, ps)
+    elif bool((temps != 1.0).any()):  # x / 1.0 == x: no copy of the row needed
+        logits = logits / temps.unsqueeze(1)
     if any(s.min_p > 0 for s in specs):
         logits = apply_min_p(logits, col([s.min_p for s in specs]).to(torch.float32))
     return torch.log_softmax(logits, dim=-1)

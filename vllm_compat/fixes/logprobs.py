@@ -17,6 +17,9 @@ honoured. Ranks use V0's definition.
 """
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
 from .. import v0_draw
@@ -24,11 +27,39 @@ from ..processing import apply_top_k_top_p
 from ..registry import Fix, register
 
 _SAMPLING_EPS = 1e-5
+logger = logging.getLogger("vllm_compat")
+
+
+def _count_greater_eager(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    # int32: summing a bool tensor into the default int64 is 5x slower on CPU (29 vs 5 ms for 256 x 32000)
+    return (x > values).sum(-1, dtype=torch.int32).to(torch.int64)
+
+
+@functools.cache
+def _count_greater_compiled():
+    """vLLM compiles its rank count into one fused compare-and-count kernel (0.8 ms for
+    256 x 32000 on 2 CPU cores, 4.6 ms eager); this count is compiled the same way, with the
+    backend vLLM picks for the platform. dynamic=True: one graph for every batch size."""
+    from vllm.platforms import current_platform
+
+    return torch.compile(lambda x, values: (x > values).sum(-1), dynamic=True,
+                         backend=current_platform.simple_compile_backend)
+
+
+_compile_failed = False
 
 
 def v0_rank(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """V0's rank: 1 + number of entries strictly greater (values: [rows, 1])."""
-    return (x > values).sum(-1) + 1
+    global _compile_failed
+    if not _compile_failed:
+        try:
+            return _count_greater_compiled()(x, values) + 1
+        except Exception as e:  # the count is exact either way; only its speed differs
+            _compile_failed = True
+            logger.warning("vllm-compat: compiled rank count unavailable (%s: %s); counting eagerly",
+                           type(e).__name__, e)
+    return _count_greater_eager(x, values) + 1
 
 
 def _processed_output(logits: torch.Tensor, mode: str) -> torch.Tensor:
