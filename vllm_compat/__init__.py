@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import inspect
 
+from . import cli as _cli
+
+if _cli.json_requested():  # before anything imports vllm, which logs to stdout
+    _cli.reserve_stdout_for_json()
+
 from . import fixes as _fixes  # noqa: F401  (registers the fixes)
 from .registry import InternalsMoved, apply, apply_from_env, applied, parse_selection, status  # noqa: F401
 from .versions import UnsupportedVersion  # noqa: F401

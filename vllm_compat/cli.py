@@ -14,6 +14,44 @@ def plugin_registered() -> bool:
     return any(ep.value.startswith("vllm_compat_plugin") for ep in entry_points(group="vllm.general_plugins"))
 
 
+def reserve_stdout_for_json() -> None:
+    """``--json`` owns stdout, but vLLM logs there (VLLM_LOGGING_STREAM defaults to stdout, from
+    ``import vllm`` on) and gloo prints there from C++. Point file descriptor 1, which this
+    process's old ``sys.stdout`` and the engine processes write to, at stderr, and keep the
+    real stdout as ``sys.stdout`` for the JSON. Called by ``vllm_compat/__init__`` before vllm
+    is imported when the command line asks for JSON; idempotent."""
+    # One state per process: under ``python -m vllm_compat.cli`` this file runs twice (as the
+    # package's module and as __main__), and a second dup would take stderr for stdout.
+    state = sys.modules.get("vllm_compat.cli") or sys.modules[__name__]
+    if getattr(state, "_json_stdout_reserved", False):
+        return
+    state._json_stdout_reserved = True
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(real, "w", buffering=1)
+    os.environ["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"
+
+
+_json_stdout_reserved = False
+
+
+def json_requested() -> bool:
+    """This process is the vllm-compat command (the console script or ``python -m
+    vllm_compat.cli``) and its command line asks for --json; checked before argparse runs."""
+    if sys.argv and sys.argv[0] == "-m":  # python -m, while the package is being imported
+        orig = list(getattr(sys, "orig_argv", []))
+        at = orig.index("-m") if "-m" in orig else -1
+        if at < 0 or orig[at + 1:at + 2] != ["vllm_compat.cli"]:
+            return False
+        args = orig[at + 2:]
+    elif sys.argv and os.path.basename(sys.argv[0]) in ("vllm-compat", "cli.py"):
+        args = sys.argv[1:]
+    else:
+        return False
+    return "--json" in args
+
+
 def print_status(as_json: bool) -> int:
     import json
 
@@ -78,6 +116,8 @@ def main(argv=None) -> int:
     for sp in (pl, pc, pa):
         sp.add_argument("--version", help="vLLM version (default: list/check all, apply the installed one)")
     args = ap.parse_args(argv)
+    if getattr(args, "json", False):
+        reserve_stdout_for_json()
     if args.cmd == "status":
         return print_status(args.json)
     if args.cmd == "verify":
