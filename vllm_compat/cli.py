@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     for sp in (pl, pc, pa):
         sp.add_argument("--version", help="vLLM version (default: list/check all, apply the installed one)")
     args = ap.parse_args(argv)
-    if getattr(args, "json", False):
+    if getattr(args, "json", False) and argv is None:  # the process's own command line, not a caller's list
         reserve_stdout_for_json()
     if args.cmd == "status":
         return print_status(args.json)
