@@ -88,8 +88,10 @@ async def _weight_update(model_dir: Path, repeats: int, log) -> dict:
     nbytes = sum(t.numel() * t.element_size() for t in weights.values())
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(model_dir), dtype="float32",
                                                        skip_tokenizer_init=True, max_model_len=1024))
-    times: dict[str, list[float]] = {k: [] for k in ("bare_load_weights", "bare_reload_weights", "update_from_file",
-                                                    "update_from_tensors", "file_transport", "gloo_receive")}
+    times: dict[str, list[float]] = {k: [] for k in (
+        "bare_load_weights", "bare_reload_weights", "update_from_file", "update_from_file: receive_validate",
+        "update_from_file: load", "update_from_file: pause_rpc_resume", "update_from_tensors", "file_transport",
+        "gloo_receive")}
     unavailable: dict[str, str] = {}
     try:
         await vllm_compat.update_weights(engine, path)  # warm-up (reads the checkpoint headers once)
@@ -103,8 +105,14 @@ async def _weight_update(model_dir: Path, repeats: int, log) -> dict:
                     else:
                         times[name].append(t)
             start = time.perf_counter()
-            await vllm_compat.update_weights(engine, path)
-            times["update_from_file"].append(time.perf_counter() - start)
+            result = await vllm_compat.update_weights(engine, path)
+            wall = time.perf_counter() - start
+            times["update_from_file"].append(wall)
+            # Where it goes: reading the whole file on every worker + validating (the bare load starts
+            # from tensors already in memory), loading, and the rest (pause, RPCs, resume).
+            times["update_from_file: receive_validate"].append(result.seconds["receive_validate"])
+            times["update_from_file: load"].append(result.seconds["load"])
+            times["update_from_file: pause_rpc_resume"].append(wall - result.seconds["total"])
             start = time.perf_counter()
             result = await vllm_compat.update_weights(engine, weights)
             times["update_from_tensors"].append(time.perf_counter() - start)

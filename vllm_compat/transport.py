@@ -98,8 +98,9 @@ def safetensors_headers(files: Iterable[Path]) -> dict[str, tuple[tuple[int, ...
 
 
 class FileTransport(WorkerTransport):
-    """Reads a safetensors file or directory completely at receive time, so that loading
-    afterwards cannot fail half-way on I/O."""
+    """Opens a safetensors file or directory at receive time. ``load_file`` memory-maps
+    (safetensors 0.8.0 reads 176 MB in 2 ms, pages come in during the load): the file must
+    not be rewritten in place until the update returns (README, in-flight updates)."""
 
     def receive(self) -> Received:
         from safetensors.torch import load_file
