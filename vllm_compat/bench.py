@@ -108,8 +108,8 @@ async def _weight_update(model_dir: Path, repeats: int, log) -> dict:
             result = await vllm_compat.update_weights(engine, path)
             wall = time.perf_counter() - start
             times["update_from_file"].append(wall)
-            # Where it goes: reading the whole file on every worker + validating (the bare load starts
-            # from tensors already in memory), loading, and the rest (pause, RPCs, resume).
+            # Where it goes: opening the file on every worker (memory-mapped) + validating, loading
+            # (the bare load starts from tensors already in memory), and the rest (pause, RPCs, resume).
             times["update_from_file: receive_validate"].append(result.seconds["receive_validate"])
             times["update_from_file: load"].append(result.seconds["load"])
             times["update_from_file: pause_rpc_resume"].append(wall - result.seconds["total"])
