@@ -16,8 +16,8 @@ from . import fixes as _fixes  # noqa: F401  (registers the fixes)
 from .registry import InternalsMoved, apply, apply_from_env, applied, parse_selection, status  # noqa: F401
 from .versions import UnsupportedVersion  # noqa: F401
 from .transport import TransportSpec, WeightBroadcaster, WorkerTransport  # noqa: F401
-from .weight_sync import (BroadcastGroup, WeightUpdateError, WeightUpdateResult, join_weight_broadcast,  # noqa: F401
-                          update_weights)
+from .fixes.weights import (BroadcastGroup, EngineFenced, WeightUpdateError, WeightUpdateIncomplete,  # noqa: F401
+                            WeightUpdateResult, WeightUpdateTimeout, join_weight_broadcast, update_weights)
 
 __version__ = "0.1.0.dev0"
 
@@ -57,7 +57,7 @@ def check(engine):
 def _no_extension(e: Exception) -> CompatCheckError:
     return CompatCheckError(
         f"vllm-compat: the engine's workers cannot report their fixes ({type(e).__name__}: {e}). Create the engine "
-        f"after `import vllm_compat`, without a worker_extension_cls of your own.")
+        f"after `import vllm_compat`.")
 
 
 # The one import-time side effect: apply what the environment asks for.

@@ -219,13 +219,11 @@ def status() -> dict:
 
 # ---- engine hook: EngineArgs.create_engine_config -------------------------------------
 
-WORKER_EXTENSION = "vllm_compat.worker.CompatWorkerExtension"
-
-
 def _sync_engine_hook() -> None:
     """Every entry point (LLM, AsyncLLM.from_engine_args, `vllm serve`) builds its config
     through EngineArgs.create_engine_config; one wrapper there runs the active fixes'
-    configure hooks and installs the worker extension that ``check()`` talks to."""
+    configure hooks and installs the worker extension that ``check()`` and ``update_weights``
+    talk to, combined with the user's own extension class if there is one."""
     if not _state.active:
         if _state.engine_hook is not None:
             _state.engine_hook.revert()
@@ -235,12 +233,13 @@ def _sync_engine_hook() -> None:
         return
     from vllm.engine.arg_utils import EngineArgs
 
+    from .fixes.weights.extension import qualname_with
+
     patcher = Patcher()
     original = getattr(EngineArgs, "create_engine_config")
 
     def create_engine_config(self, *args, **kwargs):
-        if not getattr(self, "worker_extension_cls", None):
-            self.worker_extension_cls = WORKER_EXTENSION
+        self.worker_extension_cls = qualname_with(getattr(self, "worker_extension_cls", None))
         for name in list(_state.active):
             if FIXES[name].configure is not None:
                 FIXES[name].configure(self)

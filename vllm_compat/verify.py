@@ -103,14 +103,27 @@ def load_update(llm, weights_dir: Path) -> None:
 
 
 def native_load_update(llm, weights_dir: Path) -> None:
-    """Stock V1 in-place reload between two steps (what users do without the shim)."""
+    """Stock V1 in-place reload between two steps (what users do without the shim): vLLM's
+    reload_weights where it takes tensors (0.18+); before, the model's load_weights and each
+    loaded layer's post-processing. No derived-state refresh."""
     from safetensors.torch import load_file
+
+    from . import versions
 
     weights = load_file(str(weights_dir / "model.safetensors"))
 
-    from .weight_sync import load_in_place
+    def reload(worker):
+        runner = worker.model_runner
+        if versions.has_iterator_reload(runner):
+            runner.reload_weights(weights_iterator=iter(weights.items()))
+            return
+        from .fixes.weights.worker import reprocess
 
-    llm.collective_rpc(lambda worker: load_in_place(worker.model_runner, weights))  # no derived-state refresh
+        model = runner.get_model()
+        loaded = model.load_weights(weights.items())
+        reprocess(model, {n.rpartition(".")[0] for n in loaded}, runner.model_config.dtype)
+
+    llm.collective_rpc(reload)
 
 
 def temperature_scale(scenario: dict) -> float:

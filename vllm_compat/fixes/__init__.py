@@ -5,3 +5,4 @@ from . import lm_head  # noqa: F401  isort: skip
 from . import logprobs  # noqa: F401  isort: skip
 from . import prompt_logprobs  # noqa: F401  isort: skip
 from . import bf16_params  # noqa: F401  isort: skip
+from . import weights  # noqa: F401  isort: skip
