@@ -20,10 +20,11 @@ _COMBINED = "with:"  # a name no Python identifier starts with; dots of the user
 
 class CompatWorkerExtension:
     def vllm_compat_status(self) -> dict:
-        """What this worker process has applied (answered by the worker, not the parent)."""
+        """What this worker process has applied (answered by the worker, not the parent), and
+        whether it holds a staged weight update (it must not, between updates)."""
         from ... import registry
 
-        return registry.status()
+        return {**registry.status(), "staged_update": "_vllm_compat_staged" in self.__dict__}
 
     def vllm_compat_join_broadcast(self, name, host, port, world_size, backend, timeout_s) -> int:
         from ... import transport
