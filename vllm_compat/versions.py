@@ -74,3 +74,12 @@ def has_scheduler_pause(engine_core) -> bool:
     which ``AsyncLLM.pause_generation`` drives from 0.18.1 on. 0.15.1 pauses in the client only
     (``pause_generation`` aborts or drains in-flight requests, then clears caches)."""
     return hasattr(engine_core, "pause_scheduler")
+
+
+def abort_kwargs(abort) -> dict:
+    """Keyword arguments that make ``AsyncLLM.abort`` / ``LLMEngine.abort_request`` take the
+    engine's internal request ids (the keys of ``output_processor.request_states``): ``internal``
+    arrived with the internal ids (0.18.1 has both); before, the two were the same ids."""
+    import inspect
+
+    return {"internal": True} if "internal" in inspect.signature(abort).parameters else {}

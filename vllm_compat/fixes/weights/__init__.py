@@ -44,8 +44,14 @@ def patch(patcher) -> None:
         refuse_if_fenced(self)
         return await add_async(self, *args, **kwargs)
 
+    async def generate(self, *args, **kwargs):  # before vLLM's own error handling, which hides the cause
+        refuse_if_fenced(self)
+        async for out in generate_original(self, *args, **kwargs):
+            yield out
+
     add_sync = patcher.replace(LLMEngine, "add_request", add_request, expect_params=["self", "request_id"])
     add_async = patcher.replace(AsyncLLM, "add_request", add_request_async, expect_params=["self", "request_id"])
+    generate_original = patcher.replace(AsyncLLM, "generate", generate, expect_params=["self", "request_id"])
 
 
 register(Fix(

@@ -237,7 +237,8 @@ def update_weights(engine, weights: Weights, *, timeout: float | None = None):
                 commits = engine.collective_rpc("vllm_compat_commit_weights")
             except Exception as e:
                 _set_fence(engine, names, e)
-                engine.llm_engine.abort_request(_running_request_ids(engine))
+                abort = engine.llm_engine.abort_request
+                abort(_running_request_ids(engine), **versions.abort_kwargs(abort))
                 raise _incomplete(names, e) from e
             _lift_fence(engine, names)
             return _result(commits, t0, t1, False)
@@ -311,7 +312,8 @@ async def _update_async(engine, weights: Weights, timeout: float | None) -> Weig
                 raise
             except Exception as e:
                 _set_fence(engine, names, e)
-                await _quietly(engine.abort(_running_request_ids(engine)), "aborting running requests")
+                await _quietly(engine.abort(_running_request_ids(engine), **versions.abort_kwargs(engine.abort)),
+                               "aborting running requests")
                 raise _incomplete(names, e) from e
             _lift_fence(engine, names)
             if cancelled:  # the load finished: the new weights are in place
