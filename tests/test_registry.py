@@ -1,5 +1,6 @@
 """Activation: selection parsing, apply/revert, idempotency, version and drift refusals."""
 import os
+import re
 
 import pytest
 
@@ -106,3 +107,81 @@ def test_signature_check():
 
     with pytest.raises(InternalsMoved, match="lacks parameters"):
         Patcher().replace(Target, "method", None, expect_params=["self", "b"])
+
+
+def _patched_attributes():
+    """Every class attribute the real fixes and the engine hook patch (identity snapshot)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+    from vllm.v1.sample import sampler as sampler_module
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    targets = [(EngineArgs, "create_engine_config"), (LogitsProcessor, "_get_logits"),
+               (CPUModelRunner, "load_model"), (sampler_module.Sampler, "sample"),
+               (sampler_module.Sampler, "forward"), (sampler_module, "batched_count_greater_than"),
+               (GPUModelRunner, "_get_prompt_logprobs_dict")]
+    return {f"{registry._qual(o)}.{a}": vars(o).get(a) for o, a in targets}
+
+
+class _ProbeTarget:
+    def method(self):
+        return "stock"
+
+
+@pytest.fixture(params=[InternalsMoved("vLLM moved it"), RuntimeError("boom")], ids=["moved", "other"])
+def failing_fix(request):
+    """A fix ordered after the real ones that patches something, then raises."""
+    error = request.param
+
+    def patch(patcher):
+        patcher.replace(_ProbeTarget, "method", lambda self: "patched")
+        raise error
+
+    registry.register(Fix(name="_fails_probe", summary="", why="", how="", upstream="", remove_when="",
+                          patch=patch, default=False))
+    try:
+        yield error
+    finally:
+        registry.FIXES.pop("_fails_probe")
+
+
+def test_a_failing_fix_undoes_the_whole_apply(failing_fix, monkeypatch):
+    vllm_compat.apply(include=[])
+    stock = _patched_attributes()
+    before = vllm_compat.apply(include=["lm_head_fp32", "logprobs"])["applied"]
+    assert before == ["lm_head_fp32", "logprobs"]
+    monkeypatch.setenv(registry.ENV_ACTIVE, "exported,before")  # must survive the failed call verbatim
+    attributes, skipped = _patched_attributes(), vllm_compat.status()["skipped"]
+    # lm_head_fp32 leaves, prompt_logprobs and v0_bf16_params are applied, then the probe fails.
+    with pytest.raises(Exception) as e:  # its type and message are checked last
+        vllm_compat.apply(include=["logprobs", "prompt_logprobs", "v0_bf16_params", "_fails_probe"])
+    assert vllm_compat.applied() == before and vllm_compat.status()["skipped"] == skipped
+    assert _patched_attributes() == attributes  # the very objects: lm_head_fp32 re-made, the others gone
+    assert _ProbeTarget().method() == "stock"
+    assert os.environ[registry.ENV_ACTIVE] == "exported,before"
+    assert e.type is InternalsMoved and e.value.__cause__ is failing_fix
+    assert re.fullmatch(r"fix _fails_probe: (vLLM moved it|RuntimeError: boom)", str(e.value))
+    # The restored selection is a normal one: leaving it reverts everything.
+    vllm_compat.apply(include=[])
+    assert _patched_attributes() == stock
+
+
+def test_a_failing_fix_from_nothing_exports_nothing(failing_fix, monkeypatch):
+    vllm_compat.apply(include=[])
+    stock = _patched_attributes()
+    monkeypatch.delenv(registry.ENV_ACTIVE)
+    with pytest.raises(Exception) as e:
+        vllm_compat.apply(include=["logprobs", "prompt_logprobs", "_fails_probe"])
+    assert vllm_compat.applied() == [] and _patched_attributes() == stock  # engine hook not installed
+    assert registry.ENV_ACTIVE not in os.environ
+    assert e.type is InternalsMoved and str(e.value).startswith("fix _fails_probe: ")
+
+
+def test_a_failing_fix_is_skipped_when_not_strict(failing_fix, caplog):
+    out = vllm_compat.apply(include=["logprobs", "prompt_logprobs", "_fails_probe"], strict=False)
+    assert out["applied"] == ["logprobs", "prompt_logprobs"]
+    assert out["skipped"]["_fails_probe"] == f"failed: {failing_fix}"
+    assert "fix _fails_probe not applied" in caplog.text
+    assert _ProbeTarget().method() == "stock"
+    assert os.environ[registry.ENV_ACTIVE] == "logprobs,prompt_logprobs"

@@ -51,10 +51,12 @@ class Fix:
 
 
 class Patcher:
-    """Records every attribute it replaces so the owning fix can be reverted."""
+    """Records every attribute it replaces so the owning fix can be reverted (and, for a
+    rollback, re-made with the same objects)."""
 
     def __init__(self) -> None:
-        self.saved: list[tuple[Any, str, Any]] = []
+        self.saved: list[tuple[Any, str, Any, Any]] = []  # (owner, attr, original, patched)
+        self.undone: list[tuple[Any, str, Any, Any]] = []  # what the last revert() undid
 
     def replace(self, owner: Any, attr: str, new: Any, *, expect_params: Iterable[str] | None = None) -> Any:
         """Replace ``owner.attr`` after checking it exists (and, for functions, that it takes
@@ -70,17 +72,24 @@ class Patcher:
             missing = set(expect_params) - params
             if missing:
                 raise InternalsMoved(f"{_qual(owner)}.{attr} lacks parameters {sorted(missing)}")
-        self.saved.append((owner, attr, vars(owner).get(attr, _MISSING)))
+        self.saved.append((owner, attr, vars(owner).get(attr, _MISSING), new))
         setattr(owner, attr, new)
         return original
 
     def revert(self) -> None:
-        for owner, attr, original in reversed(self.saved):
+        for owner, attr, original, _ in reversed(self.saved):
             if original is _MISSING:
                 delattr(owner, attr)
             else:
                 setattr(owner, attr, original)
-        self.saved.clear()
+        self.undone, self.saved = self.saved, []
+
+    def redo(self) -> None:
+        """Re-make, in order, the patches the last revert() undid: the same objects again."""
+        for owner, attr, _, new in self.undone:
+            self.saved.append((owner, attr, vars(owner).get(attr, _MISSING), new))
+            setattr(owner, attr, new)
+        self.undone = []
 
 
 _MISSING = object()
@@ -135,9 +144,11 @@ def apply(include: Iterable[str] | None = None, exclude: Iterable[str] = (), str
     """Make exactly the selection active in this process (default: the default fixes).
 
     Idempotent; fixes leaving the selection are reverted. Unsupported vLLM: raises
-    UnsupportedVersion (strict) or warns and applies nothing. A fix whose targets moved
-    raises InternalsMoved (strict) or is skipped with a warning. Change the selection only
-    while no engine is running: patches are class-level."""
+    UnsupportedVersion (strict) or warns and applies nothing. A fix that fails to apply
+    (targets moved) is skipped with a warning (strict=False), or (strict) the whole call is
+    undone -- the previous selection active again, ENV_ACTIVE as it was -- and
+    InternalsMoved("fix <name>: ...") raised from the fix's error. Change the selection
+    only while no engine is running: patches are class-level."""
     wanted = list(defaults() if include is None else include)
     unknown = [n for n in list(wanted) + list(exclude) if n not in FIXES]
     if unknown:
@@ -152,37 +163,67 @@ def apply(include: Iterable[str] | None = None, exclude: Iterable[str] = (), str
                 raise
             logger.warning("vllm-compat: unsupported vLLM %s; no fixes applied", versions.vllm_version())
             wanted, version = [], None
+    exported = os.environ.get(ENV_ACTIVE)
     try:
         _apply_selection(wanted, version, strict)
-    finally:  # also when a fix refused: what is active stays consistent with the hook and env
+    except BaseException:
+        # All or nothing: _apply_selection restored the previous selection; the engine hook
+        # follows it and engine processes are told nothing new.
         _sync_engine_hook()
+        if exported is None:
+            os.environ.pop(ENV_ACTIVE, None)
+        else:
+            os.environ[ENV_ACTIVE] = exported
+        raise
+    try:
+        _sync_engine_hook()
+    finally:  # what is active is what engine processes re-apply
         os.environ[ENV_ACTIVE] = ",".join(_state.active)
     return status()
 
 
 def _apply_selection(wanted: list[str], version, strict: bool) -> None:
-    for name in [n for n in _state.active if n not in wanted]:
+    """Make ``wanted`` active; if that raises, the selection before the call is active again."""
+    before, skipped_before = dict(_state.active), dict(_state.skipped)
+    leaving = [n for n in _state.active if n not in wanted]
+    for name in reversed(leaving):  # last patched, first reverted: overlapping patches unwind
         _state.active.pop(name).revert()
     _state.skipped.clear()
-    for name in wanted:
-        if name in _state.active:
-            continue
-        fix = FIXES[name]
-        if not fix.supports(version):
-            _state.skipped[name] = f"not needed/available on vLLM {version} (supported: {fix.supported})"
-            continue
-        patcher = Patcher()
-        try:
-            if fix.patch is not None:
-                fix.patch(patcher)
-        except Exception as e:
-            patcher.revert()
-            if strict:
-                raise
-            _state.skipped[name] = f"failed: {e}"
-            logger.warning("vllm-compat: fix %s not applied: %s", name, e)
-            continue
-        _state.active[name] = patcher
+    added: list[str] = []
+    try:
+        for name in wanted:
+            if name in _state.active:
+                continue
+            fix = FIXES[name]
+            if not fix.supports(version):
+                _state.skipped[name] = f"not needed/available on vLLM {version} (supported: {fix.supported})"
+                continue
+            patcher = Patcher()
+            try:
+                if fix.patch is not None:
+                    fix.patch(patcher)
+            except BaseException as e:
+                patcher.revert()  # its own partial patches, whatever stopped it
+                if not isinstance(e, Exception):  # KeyboardInterrupt etc.: undo the call, re-raise
+                    raise
+                if strict:
+                    detail = str(e) if isinstance(e, InternalsMoved) else f"{type(e).__name__}: {e}"
+                    raise InternalsMoved(f"fix {name}: {detail}") from e
+                _state.skipped[name] = f"failed: {e}"
+                logger.warning("vllm-compat: fix %s not applied: %s", name, e)
+                continue
+            _state.active[name] = patcher
+            added.append(name)
+    except BaseException:
+        for name in reversed(added):
+            _state.active.pop(name).revert()
+        for name in leaving:  # re-made in their order, the same patch objects as before the call
+            before[name].redo()
+        _state.active.clear()
+        _state.active.update(before)
+        _state.skipped.clear()
+        _state.skipped.update(skipped_before)
+        raise
 
 
 def apply_from_env() -> dict:
