@@ -17,7 +17,8 @@ from .registry import InternalsMoved, apply, apply_from_env, applied, parse_sele
 from .versions import UnsupportedVersion  # noqa: F401
 from .transport import TransportSpec, WeightBroadcaster, WorkerTransport  # noqa: F401
 from .fixes.weights import (BroadcastGroup, EngineFenced, WeightUpdateError, WeightUpdateIncomplete,  # noqa: F401
-                            WeightUpdateResult, WeightUpdateTimeout, join_weight_broadcast, update_weights)
+                            WeightUpdateResult, WeightUpdateTimeout, join_weight_broadcast, last_update,
+                            update_weights)
 
 __version__ = "0.1.0.dev0"
 

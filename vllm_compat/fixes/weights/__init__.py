@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from ...registry import Fix, register
 from .client import (BroadcastGroup, EngineFenced, WeightUpdateError, WeightUpdateIncomplete,  # noqa: F401
-                     WeightUpdateResult, WeightUpdateTimeout, fence_of, join_weight_broadcast, update_weights)
+                     WeightUpdateResult, WeightUpdateTimeout, fence_of, join_weight_broadcast, last_update,
+                     update_weights)
 
 
 def patch(patcher) -> None:

@@ -72,6 +72,9 @@ class WeightUpdateResult:
     in_flight: dict[str, int] = field(default_factory=dict)
     paused: bool = False  # whether a keep-mode pause was used (AsyncLLM)
     seconds: dict[str, float] = field(default_factory=dict)  # receive+validate, load, total
+    # Updates committed on this engine so far, this one included: a policy version a trainer can
+    # tag tokens with. (A cancelled update that had started loading still counts: see last_update.)
+    version: int = 0
 
 
 @dataclass(frozen=True)
@@ -185,11 +188,23 @@ def _incomplete(names: list[str], error: BaseException) -> WeightUpdateIncomplet
         f"{len(names)} tensors succeeds.")
 
 
-def _result(commits: list[dict], t0: float, t1: float, paused: bool) -> WeightUpdateResult:
+_last: "weakref.WeakKeyDictionary[object, WeightUpdateResult]" = weakref.WeakKeyDictionary()
+
+
+def last_update(engine) -> WeightUpdateResult | None:
+    """The last update committed on ``engine`` (None before the first): tells whether a cancelled
+    or timed-out call had already loaded its weights (its ``version`` is then the newest)."""
+    return _last.get(_fence_key(engine))
+
+
+def _result(engine, commits: list[dict], t0: float, t1: float, paused: bool) -> WeightUpdateResult:
     t2 = time.perf_counter()
     first = commits[0]
-    return WeightUpdateResult(first["tensors"], first["bytes"], first["in_flight"], paused,
-                              {"receive_validate": t1 - t0, "load": t2 - t1, "total": t2 - t0})
+    previous = _last.get(_fence_key(engine))
+    result = _last[_fence_key(engine)] = WeightUpdateResult(
+        first["tensors"], first["bytes"], first["in_flight"], paused,
+        {"receive_validate": t1 - t0, "load": t2 - t1, "total": t2 - t0}, (previous.version if previous else 0) + 1)
+    return result
 
 
 def _cleanup(cleanups: list) -> None:
@@ -241,7 +256,7 @@ def update_weights(engine, weights: Weights, *, timeout: float | None = None):
                 abort(_running_request_ids(engine), **versions.abort_kwargs(abort))
                 raise _incomplete(names, e) from e
             _lift_fence(engine, names)
-            return _result(commits, t0, t1, False)
+            return _result(engine, commits, t0, t1, False)
         finally:
             if staged:
                 engine.collective_rpc("vllm_compat_drop_weights")
@@ -316,9 +331,10 @@ async def _update_async(engine, weights: Weights, timeout: float | None) -> Weig
                                "aborting running requests")
                 raise _incomplete(names, e) from e
             _lift_fence(engine, names)
-            if cancelled:  # the load finished: the new weights are in place
+            result = _result(engine, commits, t0, t1, paused)
+            if cancelled:  # the load finished: the new weights are in place (last_update tells)
                 raise asyncio.CancelledError()
-            return _result(commits, t0, t1, paused)
+            return result
         finally:
             if staged:  # queued behind a stage RPC still running in the engine: waits for it to end
                 await _quietly(engine.collective_rpc("vllm_compat_drop_weights"), "dropping the staged update")
