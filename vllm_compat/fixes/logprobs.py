@@ -13,8 +13,7 @@ filtering, except seeded rows on CPU, which get V0's exponential race bit for bi
 (:mod:`vllm_compat.v0_draw`), so seeded V1 tokens equal V0's. Under chunked prefill a seeded
 CPU row is drawn only at the step that completes its prompt (V0 sampled it only then) and
 vLLM's ``set_offset`` rewind of the discarded draw, which CPU generators lack, is skipped for
-those rows. Greedy rows: log_softmax of
-the post-penalty logits. The configure hook turns
+those rows. Greedy rows: log_softmax of the post-penalty logits. The configure hook turns
 the default ``raw_logprobs`` into ``processed_logprobs``; explicit ``*_logits`` modes are
 honoured. Ranks use V0's definition.
 """
