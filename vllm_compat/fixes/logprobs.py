@@ -10,21 +10,25 @@ How: ``Sampler.sample`` is replaced by V0's order -- penalties (already applied 
 (:func:`vllm_compat.processing.apply_top_k_top_p`) -> argmax-invariant processors
 (min-p) -> log_softmax; the draw itself still goes through vLLM's sampler with no further
 filtering, except seeded rows on CPU, which get V0's exponential race bit for bit
-(:mod:`vllm_compat.v0_draw`), so seeded V1 tokens equal V0's. Greedy rows: log_softmax of
-the post-penalty logits. The configure hook turns
+(:mod:`vllm_compat.v0_draw`), so seeded V1 tokens equal V0's. Under chunked prefill a seeded
+CPU row is drawn only at the step that completes its prompt (V0 sampled it only then) and
+vLLM's ``set_offset`` rewind of the discarded draw, which CPU generators lack, is skipped for
+those rows. Greedy rows: log_softmax of the post-penalty logits. The configure hook turns
 the default ``raw_logprobs`` into ``processed_logprobs``; explicit ``*_logits`` modes are
 honoured. Ranks use V0's definition.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 
+import numpy as np
 import torch
 
 from .. import v0_draw
 from ..processing import apply_top_k_top_p
-from ..registry import Fix, register
+from ..registry import Fix, InternalsMoved, register
 
 _SAMPLING_EPS = 1e-5
 logger = logging.getLogger("vllm_compat")
@@ -102,8 +106,13 @@ def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
     emulate = bool(md.generators) and logits.device.type == "cpu"
     sampled, processed = self.topk_topp_sampler(logits, {} if emulate else md.generators, None, None)
     if emulate:
-        for row, token in v0_draw.seeded_draw(logits, md.generators).items():
-            sampled[row] = token
+        # Rows of a partially prefilled prompt are sampled and thrown away (chunked prefill);
+        # V0 drew a request only once its whole prompt was in, so they take no draw here.
+        skip = getattr(self, "v0_partial_prefill_rows", ())
+        generators = {row: g for row, g in md.generators.items() if row not in skip}
+        if generators:
+            for row, token in v0_draw.seeded_draw(logits, generators).items():
+                sampled[row] = token
     if want and processed is None:
         processed = _processed_output(logits, mode)
     if not want:
@@ -113,12 +122,64 @@ def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
     return sampled, processed
 
 
+def _partial_prefill_rows(runner) -> frozenset[int]:
+    """Batch rows whose sample this step is discarded: prompt not fully prefilled yet."""
+    num_reqs = runner.input_batch.num_reqs
+    return frozenset(np.nonzero(runner.discard_request_mask.np[:num_reqs])[0].tolist())
+
+
+def _patch_chunked_prefill(patcher) -> None:
+    """The model runner marks partial-prefill rows in ``discard_request_mask`` before
+    ``_sample`` and, in ``_bookkeeping_sync``, rewinds their generators with
+    ``gen.set_offset(gen.get_offset() - 4)`` (the Philox offset of the discarded draw; CPU
+    generators have no offset and raise). For CPU generators the draw is v0_sample's, which
+    takes no draw for those rows, so there is nothing to rewind; CUDA generators keep vLLM's
+    rewind."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    try:
+        source = inspect.getsource(GPUModelRunner._bookkeeping_sync)
+    except (OSError, TypeError) as e:
+        raise InternalsMoved(f"GPUModelRunner._bookkeeping_sync: no source ({e})") from None
+    if "discard_request_mask" not in source or "set_offset" not in source:
+        # The rewind moved: skipping it here would silently do nothing.
+        raise InternalsMoved("GPUModelRunner._bookkeeping_sync no longer rewinds discarded "
+                             "generators (discard_request_mask / set_offset)")
+
+    def _sample(self, logits, spec_decode_metadata, *args, **kwargs):
+        self.sampler.v0_partial_prefill_rows = _partial_prefill_rows(self)
+        try:
+            return sample_original(self, logits, spec_decode_metadata, *args, **kwargs)
+        finally:
+            self.sampler.v0_partial_prefill_rows = frozenset()
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        batch = self.input_batch
+        skip = _partial_prefill_rows(self)
+        hidden = {row for row, g in batch.generators.items() if row in skip and g.device.type == "cpu"}
+        if not hidden:
+            return bookkeeping_original(self, *args, **kwargs)
+        generators = batch.generators
+        # Only the rewind loop reads input_batch.generators here; hide the CPU rows from it.
+        batch.generators = {row: g for row, g in generators.items() if row not in hidden}
+        try:
+            return bookkeeping_original(self, *args, **kwargs)
+        finally:
+            batch.generators = generators
+
+    sample_original = patcher.replace(GPUModelRunner, "_sample", _sample,
+                                      expect_params=["self", "logits", "spec_decode_metadata"])
+    bookkeeping_original = patcher.replace(GPUModelRunner, "_bookkeeping_sync", _bookkeeping_sync,
+                                           expect_params=["self", "scheduler_output", "sampler_output"])
+
+
 def patch(patcher) -> None:
     from vllm.v1.sample import sampler as sampler_module
 
     patcher.replace(sampler_module.Sampler, "sample", v0_sample,
                     expect_params=["self", "logits", "sampling_metadata"])
     patcher.replace(sampler_module, "batched_count_greater_than", v0_rank)
+    _patch_chunked_prefill(patcher)
 
 
 def configure(engine_args) -> None:
