@@ -74,6 +74,35 @@ def _bare_load(path: str, reload: bool):
     return run
 
 
+def _memory(worker, reset: bool) -> dict:
+    """Runs inside the worker: its resident memory now and its peak since the last reset (Linux:
+    VmHWM, reset through /proc/self/clear_refs; CUDA: the allocator's peak)."""
+    import re
+
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+    status = open("/proc/self/status").read()
+    kib = {k: int(re.search(rf"{k}:\s+(\d+)", status).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
+    cuda = torch.cuda.is_available()
+    return {"current": kib["VmRSS"], "peak": kib["VmHWM"],
+            "cuda_current": torch.cuda.memory_allocated() if cuda else None,
+            "cuda_peak": torch.cuda.max_memory_allocated() if cuda else None}
+
+
+async def _peak_extra(engine, run) -> dict:
+    """Peak memory of the worker during ``run()`` above what it held before (bytes)."""
+    before = (await engine.collective_rpc(_memory, args=(True,)))[0]
+    await run()
+    after = (await engine.collective_rpc(_memory, args=(False,)))[0]
+    out = {"host": after["peak"] - before["current"]}
+    if after["cuda_peak"] is not None:
+        out["device"] = after["cuda_peak"] - before["cuda_current"]
+    return out
+
+
 async def _weight_update(model_dir: Path, repeats: int, log) -> dict:
     import socket
 
@@ -117,15 +146,21 @@ async def _weight_update(model_dir: Path, repeats: int, log) -> dict:
             result = await vllm_compat.update_weights(engine, weights)
             times["update_from_tensors"].append(time.perf_counter() - start)
             times["file_transport"].append(time.perf_counter() - start - result.seconds["load"])
+        # Peak memory in the worker, each variant once, after the timed runs (file pages mapped
+        # by a load count as resident, for the bare reload as for the update).
+        memory = {"bare_reload_weights": await _peak_extra(engine, lambda: engine.collective_rpc(_bare_load(path, True))),
+                  "update_from_file": await _peak_extra(engine, lambda: vllm_compat.update_weights(engine, path)),
+                  "update_from_tensors": await _peak_extra(engine, lambda: vllm_compat.update_weights(engine, weights))}
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        trainer = subprocess.Popen([sys.executable, "-c", TRAINER, "127.0.0.1", str(port), path, str(repeats)])
+        trainer = subprocess.Popen([sys.executable, "-c", TRAINER, "127.0.0.1", str(port), path, str(repeats + 1)])
         try:
             group = await vllm_compat.join_weight_broadcast(engine, "127.0.0.1", port)
             for _ in range(repeats):
                 result = await vllm_compat.update_weights(engine, group)
                 times["gloo_receive"].append(result.seconds["receive_validate"])
+            memory["update_from_broadcast"] = await _peak_extra(engine, lambda: vllm_compat.update_weights(engine, group))
             trainer.wait(timeout=600)
         finally:
             trainer.kill()
@@ -139,6 +174,7 @@ async def _weight_update(model_dir: Path, repeats: int, log) -> dict:
                    for ours in ("update_from_file", "update_from_tensors")
                    for bare in ("bare_reload_weights", "bare_load_weights") if bare in med},
         "throughput_MB_per_s": {"file_transport": mb / med["file_transport"], "gloo_broadcast": mb / med["gloo_receive"]},
+        "peak_extra_bytes": memory,
     }
 
 
@@ -308,6 +344,9 @@ def format_report(report: dict) -> str:
             lines.append(f"  {k:<44} {v:9.2f} x")
         for k, v in wu["throughput_MB_per_s"].items():
             lines.append(f"  {k + ' throughput':<44} {v:9.0f} MB/s")
+        for k, v in wu.get("peak_extra_bytes", {}).items():
+            where = ", ".join(f"{place} +{b / 1e6:.0f} MB" for place, b in v.items())
+            lines.append(f"  {'peak memory: ' + k:<44} {where}")
     return "\n".join(lines)
 
 
