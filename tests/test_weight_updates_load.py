@@ -46,8 +46,10 @@ TRAINER = r"""
 import os, signal, sys
 from datetime import timedelta
 from safetensors.torch import load_file
+import vllm.distributed.utils  # noqa: F401  (imported before READY: the engine joins with a short timeout)
 from vllm_compat import WeightBroadcaster, transport
 
+print("READY", flush=True)
 port, path, die_after = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 bc = WeightBroadcaster("127.0.0.1", port, num_engine_workers=1, backend="gloo", bucket_bytes=1 << 20,
                        timeout=timedelta(seconds=60))
@@ -148,6 +150,8 @@ def run_engine(tmp_path):
                             outcome = "cancelled (nothing changed)"
                 else:  # a broadcast from a trainer process
                     port, proc = next(next_trainer)
+                    while (line := await asyncio.to_thread(proc.stdout.readline)).strip() != "READY":
+                        assert line, "the trainer process exited before it was ready"  # vLLM logs to stdout too
                     group = await vllm_compat.join_weight_broadcast(engine, "127.0.0.1", port, timeout=GROUP_TIMEOUT,
                                                                     name="trainer")
                     if kind == "trainer_dies":

@@ -284,13 +284,16 @@ def stage(worker, transport_name: str, params: dict) -> dict:
     except Exception as e:  # unreadable / corrupt / missing input, a dead sender: a refusal, not a crash
         return {"problems": [f"{type(e).__name__}: {e}"], "names": []}
     names = sorted(received.meta)
-    problems = validate(worker, received.meta)
-    if problems:
-        return {"problems": problems, "names": names}
-    meta = dict(received.meta)
-    if _tied(worker):
-        meta.pop("lm_head.weight", None)
-    the_plan = plan(worker, meta)
+    try:
+        problems = validate(worker, received.meta)
+        if problems:
+            return {"problems": problems, "names": names}
+        meta = dict(received.meta)
+        if _tied(worker):
+            meta.pop("lm_head.weight", None)
+        the_plan = plan(worker, meta)
+    except Exception as e:  # no checkpoint to judge against, a model whose loader the dry run cannot drive
+        return {"problems": [f"cannot validate or plan the update: {type(e).__name__}: {e}"], "names": names}
     if not the_plan.problems:
         worker.__dict__["_vllm_compat_staged"] = Staged(received, the_plan)
     return {"problems": the_plan.problems, "names": names}
