@@ -19,6 +19,7 @@ and pass ``TransportSpec("your.module:YourTransport", {...})`` as ``weights``.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -115,22 +116,79 @@ class FileTransport(WorkerTransport):
         return Received(meta, tensors, sum(t.numel() * t.element_size() for t in tensors.values()))
 
 
+class NoSpaceForWeights(OSError):
+    """No temp directory could hold an in-memory update (the message says what and where)."""
+
+
+def _temp_dirs() -> list[str]:
+    """Where in-memory updates are written, in order: RAM first (no disk round trip), then the
+    normal temp dir, because /dev/shm is 64 MB in a default container (docker --shm-size)."""
+    dirs = ["/dev/shm"] if os.path.isdir("/dev/shm") else []
+    return dirs + [d for d in [tempfile.gettempdir()] if d not in dirs]
+
+
+def _free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _save_file(tensors: dict, path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, path)
+
+
+def _write_temp(tensors: dict[str, torch.Tensor]) -> str:
+    """Write ``tensors`` to a fresh temp dir; -> the dir. Skips a dir whose free space is
+    below the bytes to write, and falls back when writing fails (ENOSPC can still happen:
+    others write there too)."""
+    from safetensors import SafetensorError
+
+    # data + the JSON header (~150 bytes a tensor) + page rounding
+    needed = sum(t.numel() * t.element_size() for t in tensors.values()) + 256 * len(tensors) + (1 << 20)
+    tried = []
+    for d in _temp_dirs():
+        try:
+            free = _free_bytes(d)
+        except OSError as e:
+            tried.append(f"{d}: {e}")
+            continue
+        if free < needed:
+            tried.append(f"{d}: {free / 2**20:.1f} MiB free")
+            continue
+        try:
+            tmp = tempfile.mkdtemp(prefix="vllm-compat-weights-", dir=d)
+        except OSError as e:
+            tried.append(f"{d}: {e}")
+            continue
+        try:
+            _save_file(tensors, os.path.join(tmp, "update.safetensors"))
+            return tmp
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            # safetensors reports a failed write (ENOSPC ...) as SafetensorError "I/O error"
+            if not (isinstance(e, OSError) or isinstance(e, SafetensorError) and "I/O error" in str(e)):
+                raise
+            tried.append(f"{d}: {e}")
+    raise NoSpaceForWeights(errno.ENOSPC, f"no temp directory can hold the weight update "
+                            f"({needed / 2**20:.1f} MiB needed); tried " + "; ".join(tried)
+                            + ". Pass a safetensors path instead, or free space there")
+
+
 def file_spec(weights) -> tuple[TransportSpec, Callable[[], None]]:
     """Client end: (spec, cleanup). Paths are used as they are; tensors are written once to
-    a temp safetensors file, in /dev/shm where it exists (RAM, no disk round trip)."""
+    a temp safetensors file, in /dev/shm where it has room (RAM, no disk round trip), else in
+    the normal temp dir."""
     if isinstance(weights, (str, os.PathLike)):
         path = Path(weights)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file or directory")
         return TransportSpec("file", {"path": str(path)}), lambda: None
-    from safetensors.torch import save_file
 
     tensors = dict(weights.items() if isinstance(weights, dict) else weights)
     bad = [n for n, t in tensors.items() if not isinstance(t, torch.Tensor)]
     if bad:
         raise TypeError(f"not tensors: {bad[:5]}")
-    tmp = tempfile.mkdtemp(prefix="vllm-compat-weights-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    path = os.path.join(tmp, "update.safetensors")
     cpu, seen = {}, set()
     for name, t in tensors.items():
         t = t.detach().cpu().contiguous()
@@ -138,11 +196,8 @@ def file_spec(weights) -> tuple[TransportSpec, Callable[[], None]]:
             t = t.clone()
         seen.add(t.data_ptr())
         cpu[name] = t
-    try:
-        save_file(cpu, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tmp = _write_temp(cpu)
+    path = os.path.join(tmp, "update.safetensors")
     return TransportSpec("file", {"path": path}), lambda: shutil.rmtree(tmp, ignore_errors=True)
 
 
