@@ -86,3 +86,204 @@ def test_nothing_fits_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(transport.NoSpaceForWeights, match=r"MiB needed.*shm: 0\.0 MiB free.*tmp: 0\.0 MiB free"):
         transport.file_spec(small_update())
     assert not list(shm.iterdir()) and not list(tmp.iterdir())
+
+
+# ---- the process group's timeout (no engine) -------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_group_timeout_reaches_the_collectives():
+    """Rank 0 joins and never sends: rank 1's broadcast must fail after the group's timeout, not
+    torch's default (30 min for gloo; vLLM 0.18's helper would drop ours)."""
+    port, groups = free_port(), {}
+    threads = [threading.Thread(target=lambda r=r: groups.__setitem__(
+        r, transport._new_group("127.0.0.1", port, r, 2, "gloo", timedelta(seconds=2)))) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert set(groups) == {0, 1}
+    failed = []
+
+    def receive():
+        t0 = time.monotonic()
+        try:
+            transport._broadcast(groups[1], torch.zeros(1))
+        except Exception as e:
+            failed.append((time.monotonic() - t0, e))
+
+    t = threading.Thread(target=receive, daemon=True)
+    t.start()
+    t.join(2 + SLACK)
+    assert failed, "broadcast still waiting past the 2 s timeout"
+    assert 1.5 < failed[0][0] < 2 + SLACK, failed
+    for g in groups.values():
+        transport._shutdown(g)
+
+
+# ---- a real engine and trainer processes -----------------------------------------------
+
+TRAINER = r"""
+import os, signal, sys, time
+from datetime import timedelta
+import torch
+from safetensors.torch import load_file
+from vllm_compat import WeightBroadcaster, transport
+
+host, port, mode, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+weights = load_file(sys.argv[5]) if len(sys.argv) > 5 else None
+sent = [0]
+real = transport._broadcast
+def counting(group, tensor):  # report progress; slow down after two buckets so the kill lands mid-broadcast
+    real(group, tensor)
+    sent[0] += 1
+    print("COLLECTIVE", sent[0], flush=True)
+    if mode == "slow" and sent[0] >= 4:  # header length, header, 2 buckets
+        time.sleep(0.5)
+transport._broadcast = counting
+print("READY", flush=True)
+bc = WeightBroadcaster(host, port, num_engine_workers=1, backend="gloo", bucket_bytes=16 << 10,
+                       timeout=timedelta(seconds=timeout))
+print("JOINED", flush=True)
+if mode == "silent":
+    time.sleep(3600)
+print("SENT", bc.send(weights), flush=True)
+bc.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from vllm import LLM
+
+    before = vllm_compat.applied()
+    vllm_compat.apply()
+    engine = LLM(model=str(MODELS / "llama-fp32"), dtype="float32", skip_tokenizer_init=True, max_model_len=512)
+    yield engine
+    del engine
+    vllm_compat.apply(include=before)
+
+
+def greedy_logprobs(llm):
+    from vllm import SamplingParams
+
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=4, logprobs=5), use_tqdm=False)[0]
+    return [{t: lp.logprob for t, lp in pos.items()} for pos in out.outputs[0].logprobs]
+
+
+class Trainer:
+    """A trainer subprocess; its stdout lines are collected by a thread (vLLM logs there too)."""
+
+    def __init__(self, port, mode, *weights):
+        self.proc = subprocess.Popen([sys.executable, "-c", TRAINER, "127.0.0.1", str(port), mode, str(TIMEOUT),
+                                      *map(str, weights)], stdout=subprocess.PIPE, text=True)
+        self.lines, self.cond = [], threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self.cond:
+                self.lines.append(line.strip())
+                self.cond.notify_all()
+
+    def wait_for(self, prefix, timeout=120):
+        with self.cond:
+            assert self.cond.wait_for(lambda: any(l.startswith(prefix) for l in self.lines) or
+                                      self.proc.poll() is not None, timeout), f"trainer: no {prefix!r}"
+            assert any(l.startswith(prefix) for l in self.lines), f"trainer exited: {self.lines[-20:]}"
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def join(llm, port, trainer):
+    trainer.wait_for("READY")  # the engine side's join waits only TIMEOUT for the trainer's store
+    return vllm_compat.join_weight_broadcast(llm, "127.0.0.1", port, timeout=timedelta(seconds=TIMEOUT),
+                                             name="faults")
+
+
+@pytest.mark.engine
+def test_trainer_killed_mid_broadcast_changes_nothing_and_a_new_trainer_takes_over(llm):
+    before = greedy_logprobs(llm)
+    vllm_compat.update_weights(llm, UPDATE)
+    expected = greedy_logprobs(llm)  # the update through the file transport
+    vllm_compat.update_weights(llm, BASE)
+    assert greedy_logprobs(llm) == before
+
+    port = free_port()
+    trainer = Trainer(port, "slow", UPDATE)
+    killed = []
+
+    def kill_after_two_buckets():
+        trainer.wait_for("COLLECTIVE 4")
+        trainer.proc.send_signal(signal.SIGKILL)
+        killed.append(time.monotonic())
+
+    try:
+        group = join(llm, port, trainer)
+        threading.Thread(target=kill_after_two_buckets, daemon=True).start()
+        with pytest.raises(vllm_compat.WeightUpdateError, match="'faults'.*receive failed.*bucket") as e:
+            vllm_compat.update_weights(llm, group)
+        failed_after = time.monotonic() - killed[0]
+    finally:
+        trainer.kill()
+    print(f"\nSIGKILL -> WeightUpdateError: {failed_after:.2f} s ({e.value})")
+    assert failed_after < TIMEOUT + SLACK
+    at, of = map(int, re.search(r"bucket (\d+) of (\d+)", str(e.value)).groups())
+    assert 3 <= at < of  # the kill landed mid-broadcast, after two buckets
+    assert greedy_logprobs(llm) == before  # nothing committed, and it still serves
+
+    # The broken group fails fast and says to rejoin, instead of waiting on a dead peer.
+    t0 = time.monotonic()
+    with pytest.raises(vllm_compat.WeightUpdateError, match="broken.*rejoin"):
+        vllm_compat.update_weights(llm, group)
+    assert time.monotonic() - t0 < 5
+    assert greedy_logprobs(llm) == before
+
+    # A new trainer process joins the same group name on a new port; a complete update
+    # gives exactly what the file transport gives.
+    port = free_port()
+    trainer = Trainer(port, "fast", UPDATE)
+    try:
+        group = join(llm, port, trainer)
+        result = vllm_compat.update_weights(llm, group)
+        trainer.wait_for("SENT")
+    finally:
+        trainer.kill()
+    assert result.tensors == len(load_file(str(UPDATE)))
+    assert greedy_logprobs(llm) == expected
+    vllm_compat.update_weights(llm, BASE)
+    assert greedy_logprobs(llm) == before
+
+
+@pytest.mark.engine
+def test_silent_trainer_fails_within_the_timeout(llm):
+    before = greedy_logprobs(llm)
+    port = free_port()
+    trainer = Trainer(port, "silent")
+    try:
+        group = join(llm, port, trainer)
+        trainer.wait_for("JOINED")
+        t0 = time.monotonic()
+        with pytest.raises(vllm_compat.WeightUpdateError, match="'faults'.*receive failed.*the header"):
+            vllm_compat.update_weights(llm, group)
+        elapsed = time.monotonic() - t0
+        # A timed-out group is out of step with its trainer (which may still send later): the
+        # next update must not wait another timeout, or read the late data as a header.
+        t0 = time.monotonic()
+        with pytest.raises(vllm_compat.WeightUpdateError, match="broken.*rejoin"):
+            vllm_compat.update_weights(llm, group)
+        again = time.monotonic() - t0
+    finally:
+        trainer.kill()
+    print(f"\nsilent trainer -> WeightUpdateError: {elapsed:.2f} s, then {again:.2f} s")
+    assert TIMEOUT * 0.8 < elapsed < TIMEOUT + SLACK  # it was the configured timeout that fired
+    assert again < 2
+    assert greedy_logprobs(llm) == before

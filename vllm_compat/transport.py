@@ -218,15 +218,46 @@ def _dtype_from_name(name: str) -> torch.dtype:
     return dtype
 
 
+# Per collective (the header, then each bucket), and for joining: a dead or stalled peer
+# fails the update after this long instead of torch's default (30 min gloo, 10 min NCCL),
+# during which a paused engine serves nothing. One 256 MiB bucket takes ~3 s over gloo on
+# a 1 Gbit/s link and far less over NCCL, so 60 s is ~20x headroom; it also bounds how far
+# apart the trainer's send() and the engine's update_weights() may start.
+DEFAULT_TIMEOUT = timedelta(seconds=60)
+
+
 def _new_group(host: str, port: int, rank: int, world_size: int, backend: str, timeout: timedelta):
     # vLLM's helper builds a process group without touching torch.distributed's global
-    # state, which vLLM's own workers already use. (Its `timeout` arrived after 0.18.)
+    # state, which vLLM's own workers already use.
     import inspect
 
-    from vllm.distributed.utils import stateless_init_torch_distributed_process_group as init
+    from vllm.distributed import utils
 
-    extra = {"timeout": timeout} if "timeout" in inspect.signature(init).parameters else {}
-    return init(host, port, rank, world_size, backend, **extra)
+    init = utils.stateless_init_torch_distributed_process_group
+    if "timeout" in inspect.signature(init).parameters:  # vLLM > 0.18
+        return init(host, port, rank, world_size, backend, timeout=timeout)
+    # vLLM <= 0.18's helper ignores any timeout (torch's default applies): its same steps,
+    # with ours passed to the store and to the backend, which applies it to every collective.
+    from torch.distributed import PrefixStore
+    from torch.distributed.rendezvous import rendezvous
+
+    init_method = utils.get_tcp_uri(host, port)
+    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    prefix_store = PrefixStore(init_method, store)
+    if backend == "gloo":
+        return utils.init_gloo_process_group(prefix_store, rank, world_size, timeout)
+    from vllm.platforms import current_platform
+
+    return current_platform.stateless_init_device_torch_dist_pg(
+        backend=backend, prefix_store=prefix_store, group_rank=rank, group_size=world_size, timeout=timeout)
+
+
+def _shutdown(group) -> None:
+    try:
+        group.shutdown()
+    except Exception:  # older torch / some backends: no shutdown(); the group is dropped
+        pass
 
 
 def _broadcast(group, tensor: torch.Tensor) -> None:
@@ -241,10 +272,12 @@ class WeightBroadcaster:
     update, which the engine side receives in ``update_weights(engine, group)``: call both
     at the same time (e.g. the trainer process sends while the rollout process updates).
     ``backend``: "gloo" (CPU tensors) or "nccl" (CUDA tensors); default from CUDA's presence.
+    ``timeout``: for joining and for each collective (the header, each bucket); the engine
+    side's ``join_weight_broadcast`` takes its own and should be given the same.
     """
 
     def __init__(self, host: str, port: int, num_engine_workers: int, backend: str | None = None,
-                 timeout: timedelta = timedelta(minutes=10), bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 timeout: timedelta = DEFAULT_TIMEOUT, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  device: torch.device | str | None = None):
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.device = torch.device(device or ("cuda" if self.backend == "nccl" else "cpu"))
@@ -277,31 +310,62 @@ class WeightBroadcaster:
 
     def close(self) -> None:
         if getattr(self, "group", None) is not None:
-            try:
-                self.group.shutdown()
-            except Exception:  # older torch: no shutdown(); the group goes with the process
-                pass
+            _shutdown(self.group)
             self.group = None
 
 
+@dataclass
+class _Joined:
+    group: object
+    device: torch.device
+    timeout_s: float
+    broken: str | None = None  # why the last receive failed; the group cannot be reused
+
+
 def join_group_on_worker(worker, name: str, host: str, port: int, world_size: int, backend: str | None,
-                         timeout_s: float) -> int:
-    """Worker end of ``join_weight_broadcast``: rank = 1 + the worker's global rank."""
+                         timeout_s: float = DEFAULT_TIMEOUT.total_seconds()) -> int:
+    """Worker end of ``join_weight_broadcast``: rank = 1 + the worker's rank. Joining again under
+    the same name replaces (and shuts down) the old group, so a new trainer process can take
+    over without restarting the engine."""
     device = getattr(worker, "device", None) or torch.device("cpu")  # None on 0.18.1 CPU workers
     backend = backend or ("nccl" if torch.device(device).type == "cuda" else "gloo")
     rank = 1 + int(getattr(worker, "rank", 0))
-    group = _new_group(host, port, rank, world_size, backend, timedelta(seconds=timeout_s))
     groups = worker.__dict__.setdefault("_vllm_compat_groups", {})
-    groups[name] = (group, torch.device(device) if backend == "nccl" else torch.device("cpu"))
+    old = groups.pop(name, None)
+    if old is not None:
+        _shutdown(old.group)
+    group = _new_group(host, port, rank, world_size, backend, timedelta(seconds=timeout_s))
+    groups[name] = _Joined(group, torch.device(device) if backend == "nccl" else torch.device("cpu"), timeout_s)
     return rank
+
+
+class BroadcastGroupBroken(RuntimeError):
+    """A receive on a weight broadcast group failed; the group must be joined again."""
 
 
 class ProcessGroupTransport(WorkerTransport):
     def receive(self) -> Received:
-        groups = self.worker.__dict__.get("_vllm_compat_groups", {})
-        if self.params["group"] not in groups:
-            raise RuntimeError(f"this worker has not joined weight broadcast group {self.params['group']!r}")
-        group, device = groups[self.params["group"]]
+        name = self.params["group"]
+        joined = self.worker.__dict__.get("_vllm_compat_groups", {}).get(name)
+        if joined is None:
+            raise RuntimeError(f"this worker has not joined weight broadcast group {name!r}")
+        if joined.broken:
+            raise BroadcastGroupBroken(
+                f"weight broadcast group {name!r} is broken since an earlier update ({joined.broken}); rejoin: "
+                f"start a new WeightBroadcaster and call join_weight_broadcast(..., name={name!r}) again")
+        self.step = "the header"
+        try:
+            return self._receive(joined.group, joined.device)
+        except Exception as e:
+            # The trainer and this worker no longer agree on which collective comes next (or
+            # the peer is gone): the group cannot be trusted again.
+            joined.broken = f"{type(e).__name__} while receiving {self.step}: {e}"
+            raise BroadcastGroupBroken(
+                f"weight broadcast group {name!r}: receive failed ({joined.broken}); the trainer died, stalled "
+                f"past the {joined.timeout_s:g} s timeout, or sent something else. Rejoin: start a new "
+                f"WeightBroadcaster and call join_weight_broadcast(..., name={name!r}) again") from e
+
+    def _receive(self, group, device) -> Received:
         length = torch.zeros(1, dtype=torch.int64, device=device)
         _broadcast(group, length)
         raw = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
@@ -310,7 +374,8 @@ class ProcessGroupTransport(WorkerTransport):
         if header.get("version") != WIRE_VERSION:
             raise RuntimeError(f"weight broadcast wire version {header.get('version')} != {WIRE_VERSION}")
         buckets = []
-        for size in header["buckets"]:  # receive everything, even if it will be refused
+        for i, size in enumerate(header["buckets"]):  # receive everything, even if it will be refused
+            self.step = f"bucket {i + 1} of {len(header['buckets'])}"
             buf = torch.empty(size, dtype=torch.uint8, device=device)
             _broadcast(group, buf)
             buckets.append(buf)
