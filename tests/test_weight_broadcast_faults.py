@@ -27,6 +27,31 @@ TIMEOUT = 5  # seconds, both ends; short so that a stall shows within the test
 SLACK = 10  # seconds on top: engine RPCs, error handling, a loaded 2-core machine
 
 
+# ---- rank arithmetic (no engine) -------------------------------------------------------
+
+def config(world_size=1, dp=1, dp_index=0, backend=None):
+    return SimpleNamespace(world_size=world_size, data_parallel_size=dp, data_parallel_rank=dp_index,
+                           data_parallel_index=dp_index, distributed_executor_backend=backend)
+
+
+def test_ranks_are_unique_across_data_parallel_replicas():
+    client = config(world_size=2, dp=3)
+    world = transport.broadcast_world_size(client)
+    assert world == 1 + 3 * 2
+    # each replica's workers see their own index; dense models get dp size/rank reset to 1/0
+    # in every replica, data_parallel_index keeps the replica.
+    ranks = [transport.broadcast_rank(SimpleNamespace(**{**vars(config(2, 1, i)), "data_parallel_rank": 0}), r)
+             for i in range(3) for r in range(2)]
+    assert sorted(ranks) == list(range(1, world))
+    assert transport.broadcast_world_size(config()) == 2 and transport.broadcast_rank(config(), 0) == 1
+    # external launcher: world_size and worker.rank already span the replicas
+    ext = config(world_size=4, dp=2, dp_index=1, backend="external_launcher")
+    assert transport.broadcast_world_size(ext) == 5 and transport.broadcast_rank(ext, 3) == 4
+    # a config without data_parallel_index (older vLLM) uses data_parallel_rank
+    old = SimpleNamespace(world_size=2, data_parallel_size=2, data_parallel_rank=1, distributed_executor_backend=None)
+    assert transport.broadcast_rank(old, 1) == 4
+
+
 # ---- in-memory updates and a small /dev/shm (no engine) --------------------------------
 
 def small_update():

@@ -271,6 +271,8 @@ class WeightBroadcaster:
     joined (``join_weight_broadcast``); then every ``send(named_tensors)`` broadcasts one
     update, which the engine side receives in ``update_weights(engine, group)``: call both
     at the same time (e.g. the trainer process sends while the rollout process updates).
+    ``num_engine_workers``: ``broadcast_world_size(engine's parallel_config) - 1``, every
+    worker of every data-parallel replica.
     ``backend``: "gloo" (CPU tensors) or "nccl" (CUDA tensors); default from CUDA's presence.
     ``timeout``: for joining and for each collective (the header, each bucket); the engine
     side's ``join_weight_broadcast`` takes its own and should be given the same.
@@ -314,6 +316,33 @@ class WeightBroadcaster:
             self.group = None
 
 
+def broadcast_world_size(parallel_config) -> int:
+    """Size of the broadcast group for an engine with this (client-side) parallel config: the
+    trainer plus every worker of every data-parallel replica. ``join_weight_broadcast`` must
+    use it."""
+    return 1 + _replicas(parallel_config) * parallel_config.world_size
+
+
+def broadcast_rank(parallel_config, worker_rank: int) -> int:
+    """A worker's rank in the broadcast group (the trainer is 0): replicas take consecutive
+    blocks, so workers of different data-parallel replicas, which share ``worker.rank``, do not
+    collide. ``parallel_config`` is the worker's own."""
+    if parallel_config.distributed_executor_backend == "external_launcher":
+        return 1 + worker_rank  # world_size and worker.rank already span the replicas
+    # data_parallel_index: the replica's index, kept where vLLM resets data_parallel_rank/size to
+    # 0/1 in each replica of a dense model; older configs only have data_parallel_rank.
+    index = getattr(parallel_config, "data_parallel_index", None)
+    if index is None:
+        index = parallel_config.data_parallel_rank
+    return 1 + index * parallel_config.world_size + worker_rank
+
+
+def _replicas(parallel_config) -> int:
+    if parallel_config.distributed_executor_backend == "external_launcher":
+        return 1  # vLLM multiplies world_size by data_parallel_size itself
+    return parallel_config.data_parallel_size
+
+
 @dataclass
 class _Joined:
     group: object
@@ -324,12 +353,19 @@ class _Joined:
 
 def join_group_on_worker(worker, name: str, host: str, port: int, world_size: int, backend: str | None,
                          timeout_s: float = DEFAULT_TIMEOUT.total_seconds()) -> int:
-    """Worker end of ``join_weight_broadcast``: rank = 1 + the worker's rank. Joining again under
+    """Worker end of ``join_weight_broadcast``; rank: ``broadcast_rank``. Joining again under
     the same name replaces (and shuts down) the old group, so a new trainer process can take
     over without restarting the engine."""
     device = getattr(worker, "device", None) or torch.device("cpu")  # None on 0.18.1 CPU workers
     backend = backend or ("nccl" if torch.device(device).type == "cuda" else "gloo")
-    rank = 1 + int(getattr(worker, "rank", 0))
+    parallel_config = worker.vllm_config.parallel_config
+    rank = broadcast_rank(parallel_config, int(getattr(worker, "rank", 0)))
+    if rank >= world_size:
+        raise RuntimeError(
+            f"weight broadcast group {name!r}: this worker's rank {rank} does not fit world size {world_size} "
+            f"(data_parallel_size={parallel_config.data_parallel_size}, "
+            f"world_size per replica={parallel_config.world_size}); the client must size the group with "
+            "vllm_compat.transport.broadcast_world_size")
     groups = worker.__dict__.setdefault("_vllm_compat_groups", {})
     old = groups.pop(name, None)
     if old is not None:
