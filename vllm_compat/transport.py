@@ -381,27 +381,33 @@ class BroadcastGroupBroken(RuntimeError):
 
 class ProcessGroupTransport(WorkerTransport):
     def receive(self) -> Received:
-        name = self.params["group"]
-        joined = self.worker.__dict__.get("_vllm_compat_groups", {}).get(name)
+        group_name = self.params["group"]
+        joined = self.worker.__dict__.get("_vllm_compat_groups", {}).get(group_name)
         if joined is None:
-            raise RuntimeError(f"this worker has not joined weight broadcast group {name!r}")
+            raise RuntimeError(f"this worker has not joined weight broadcast group {group_name!r}")
         if joined.broken:
             raise BroadcastGroupBroken(
-                f"weight broadcast group {name!r} is broken since an earlier update ({joined.broken}); rejoin: "
-                f"start a new WeightBroadcaster and call join_weight_broadcast(..., name={name!r}) again")
+                f"weight broadcast group {group_name!r} is broken since an earlier update ({joined.broken}); rejoin: "
+                f"start a new WeightBroadcaster and call join_weight_broadcast(..., name={group_name!r}) again")
         self.step = "the header"
         try:
-            return self._receive(joined.group, joined.device)
+            header, buckets = self._receive(joined.group, joined.device)
         except Exception as e:
             # The trainer and this worker no longer agree on which collective comes next (or
             # the peer is gone): the group cannot be trusted again.
             joined.broken = f"{type(e).__name__} while receiving {self.step}: {e}"
             raise BroadcastGroupBroken(
-                f"weight broadcast group {name!r}: receive failed ({joined.broken}); the trainer died, stalled "
+                f"weight broadcast group {group_name!r}: receive failed ({joined.broken}); the trainer died, stalled "
                 f"past the {joined.timeout_s:g} s timeout, or sent something else. Rejoin: start a new "
-                f"WeightBroadcaster and call join_weight_broadcast(..., name={name!r}) again") from e
+                f"WeightBroadcaster and call join_weight_broadcast(..., name={group_name!r}) again") from e
+        meta, tensors = {}, {}  # every collective is done: an error from here on leaves the group usable
+        for name, dtype_name, shape, bucket, offset, nbytes in header["tensors"]:
+            dtype = _dtype_from_name(dtype_name)
+            meta[name] = (tuple(shape), dtype)
+            tensors[name] = buckets[bucket][offset:offset + nbytes].view(dtype).reshape(shape)
+        return Received(meta, tensors, sum(header["buckets"]))
 
-    def _receive(self, group, device) -> Received:
+    def _receive(self, group, device) -> tuple[dict, list[torch.Tensor]]:
         length = torch.zeros(1, dtype=torch.int64, device=device)
         _broadcast(group, length)
         raw = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
@@ -415,12 +421,7 @@ class ProcessGroupTransport(WorkerTransport):
             buf = torch.empty(size, dtype=torch.uint8, device=device)
             _broadcast(group, buf)
             buckets.append(buf)
-        meta, tensors = {}, {}
-        for name, dtype_name, shape, bucket, offset, nbytes in header["tensors"]:
-            dtype = _dtype_from_name(dtype_name)
-            meta[name] = (tuple(shape), dtype)
-            tensors[name] = buckets[bucket][offset:offset + nbytes].view(dtype).reshape(shape)
-        return Received(meta, tensors, sum(header["buckets"]))
+        return header, buckets
 
 
 BUILT_IN: dict[str, type[WorkerTransport]] = {"file": FileTransport, "process_group": ProcessGroupTransport}
