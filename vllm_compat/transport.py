@@ -19,6 +19,7 @@ and pass ``TransportSpec("your.module:YourTransport", {...})`` as ``weights``.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -115,22 +116,79 @@ class FileTransport(WorkerTransport):
         return Received(meta, tensors, sum(t.numel() * t.element_size() for t in tensors.values()))
 
 
+class NoSpaceForWeights(OSError):
+    """No temp directory could hold an in-memory update (the message says what and where)."""
+
+
+def _temp_dirs() -> list[str]:
+    """Where in-memory updates are written, in order: RAM first (no disk round trip), then the
+    normal temp dir, because /dev/shm is 64 MB in a default container (docker --shm-size)."""
+    dirs = ["/dev/shm"] if os.path.isdir("/dev/shm") else []
+    return dirs + [d for d in [tempfile.gettempdir()] if d not in dirs]
+
+
+def _free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _save_file(tensors: dict, path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, path)
+
+
+def _write_temp(tensors: dict[str, torch.Tensor]) -> str:
+    """Write ``tensors`` to a fresh temp dir; -> the dir. Skips a dir whose free space is
+    below the bytes to write, and falls back when writing fails (ENOSPC can still happen:
+    others write there too)."""
+    from safetensors import SafetensorError
+
+    # data + the JSON header (~150 bytes a tensor) + page rounding
+    needed = sum(t.numel() * t.element_size() for t in tensors.values()) + 256 * len(tensors) + (1 << 20)
+    tried = []
+    for d in _temp_dirs():
+        try:
+            free = _free_bytes(d)
+        except OSError as e:
+            tried.append(f"{d}: {e}")
+            continue
+        if free < needed:
+            tried.append(f"{d}: {free / 2**20:.1f} MiB free")
+            continue
+        try:
+            tmp = tempfile.mkdtemp(prefix="vllm-compat-weights-", dir=d)
+        except OSError as e:
+            tried.append(f"{d}: {e}")
+            continue
+        try:
+            _save_file(tensors, os.path.join(tmp, "update.safetensors"))
+            return tmp
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            # safetensors reports a failed write (ENOSPC ...) as SafetensorError "I/O error"
+            if not (isinstance(e, OSError) or isinstance(e, SafetensorError) and "I/O error" in str(e)):
+                raise
+            tried.append(f"{d}: {e}")
+    raise NoSpaceForWeights(errno.ENOSPC, f"no temp directory can hold the weight update "
+                            f"({needed / 2**20:.1f} MiB needed); tried " + "; ".join(tried)
+                            + ". Pass a safetensors path instead, or free space there")
+
+
 def file_spec(weights) -> tuple[TransportSpec, Callable[[], None]]:
     """Client end: (spec, cleanup). Paths are used as they are; tensors are written once to
-    a temp safetensors file, in /dev/shm where it exists (RAM, no disk round trip)."""
+    a temp safetensors file, in /dev/shm where it has room (RAM, no disk round trip), else in
+    the normal temp dir."""
     if isinstance(weights, (str, os.PathLike)):
         path = Path(weights)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file or directory")
         return TransportSpec("file", {"path": str(path)}), lambda: None
-    from safetensors.torch import save_file
 
     tensors = dict(weights.items() if isinstance(weights, dict) else weights)
     bad = [n for n, t in tensors.items() if not isinstance(t, torch.Tensor)]
     if bad:
         raise TypeError(f"not tensors: {bad[:5]}")
-    tmp = tempfile.mkdtemp(prefix="vllm-compat-weights-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    path = os.path.join(tmp, "update.safetensors")
     cpu, seen = {}, set()
     for name, t in tensors.items():
         t = t.detach().cpu().contiguous()
@@ -138,11 +196,8 @@ def file_spec(weights) -> tuple[TransportSpec, Callable[[], None]]:
             t = t.clone()
         seen.add(t.data_ptr())
         cpu[name] = t
-    try:
-        save_file(cpu, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tmp = _write_temp(cpu)
+    path = os.path.join(tmp, "update.safetensors")
     return TransportSpec("file", {"path": path}), lambda: shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -163,15 +218,46 @@ def _dtype_from_name(name: str) -> torch.dtype:
     return dtype
 
 
+# Per collective (the header, then each bucket), and for joining: a dead or stalled peer
+# fails the update after this long instead of torch's default (30 min gloo, 10 min NCCL),
+# during which a paused engine serves nothing. One 256 MiB bucket takes ~3 s over gloo on
+# a 1 Gbit/s link and far less over NCCL, so 60 s is ~20x headroom; it also bounds how far
+# apart the trainer's send() and the engine's update_weights() may start.
+DEFAULT_TIMEOUT = timedelta(seconds=60)
+
+
 def _new_group(host: str, port: int, rank: int, world_size: int, backend: str, timeout: timedelta):
     # vLLM's helper builds a process group without touching torch.distributed's global
-    # state, which vLLM's own workers already use. (Its `timeout` arrived after 0.18.)
+    # state, which vLLM's own workers already use.
     import inspect
 
-    from vllm.distributed.utils import stateless_init_torch_distributed_process_group as init
+    from vllm.distributed import utils
 
-    extra = {"timeout": timeout} if "timeout" in inspect.signature(init).parameters else {}
-    return init(host, port, rank, world_size, backend, **extra)
+    init = utils.stateless_init_torch_distributed_process_group
+    if "timeout" in inspect.signature(init).parameters:  # vLLM > 0.18
+        return init(host, port, rank, world_size, backend, timeout=timeout)
+    # vLLM <= 0.18's helper ignores any timeout (torch's default applies): its same steps,
+    # with ours passed to the store and to the backend, which applies it to every collective.
+    from torch.distributed import PrefixStore
+    from torch.distributed.rendezvous import rendezvous
+
+    init_method = utils.get_tcp_uri(host, port)
+    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    prefix_store = PrefixStore(init_method, store)
+    if backend == "gloo":
+        return utils.init_gloo_process_group(prefix_store, rank, world_size, timeout)
+    from vllm.platforms import current_platform
+
+    return current_platform.stateless_init_device_torch_dist_pg(
+        backend=backend, prefix_store=prefix_store, group_rank=rank, group_size=world_size, timeout=timeout)
+
+
+def _shutdown(group) -> None:
+    try:
+        group.shutdown()
+    except Exception:  # older torch / some backends: no shutdown(); the group is dropped
+        pass
 
 
 def _broadcast(group, tensor: torch.Tensor) -> None:
@@ -185,11 +271,15 @@ class WeightBroadcaster:
     joined (``join_weight_broadcast``); then every ``send(named_tensors)`` broadcasts one
     update, which the engine side receives in ``update_weights(engine, group)``: call both
     at the same time (e.g. the trainer process sends while the rollout process updates).
+    ``num_engine_workers``: ``broadcast_world_size(engine's parallel_config) - 1``, every
+    worker of every data-parallel replica.
     ``backend``: "gloo" (CPU tensors) or "nccl" (CUDA tensors); default from CUDA's presence.
+    ``timeout``: for joining and for each collective (the header, each bucket); the engine
+    side's ``join_weight_broadcast`` takes its own and should be given the same.
     """
 
     def __init__(self, host: str, port: int, num_engine_workers: int, backend: str | None = None,
-                 timeout: timedelta = timedelta(minutes=10), bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 timeout: timedelta = DEFAULT_TIMEOUT, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  device: torch.device | str | None = None):
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.device = torch.device(device or ("cuda" if self.backend == "nccl" else "cpu"))
@@ -222,31 +312,102 @@ class WeightBroadcaster:
 
     def close(self) -> None:
         if getattr(self, "group", None) is not None:
-            try:
-                self.group.shutdown()
-            except Exception:  # older torch: no shutdown(); the group goes with the process
-                pass
+            _shutdown(self.group)
             self.group = None
 
 
+def broadcast_world_size(parallel_config) -> int:
+    """Size of the broadcast group for an engine with this (client-side) parallel config: the
+    trainer plus every worker of every data-parallel replica. ``join_weight_broadcast`` must
+    use it."""
+    return 1 + _replicas(parallel_config) * parallel_config.world_size
+
+
+def broadcast_rank(parallel_config, worker_rank: int) -> int:
+    """A worker's rank in the broadcast group (the trainer is 0): replicas take consecutive
+    blocks, so workers of different data-parallel replicas, which share ``worker.rank``, do not
+    collide. ``parallel_config`` is the worker's own."""
+    if parallel_config.distributed_executor_backend == "external_launcher":
+        return 1 + worker_rank  # world_size and worker.rank already span the replicas
+    # data_parallel_index: the replica's index, kept where vLLM resets data_parallel_rank/size to
+    # 0/1 in each replica of a dense model; older configs only have data_parallel_rank.
+    index = getattr(parallel_config, "data_parallel_index", None)
+    if index is None:
+        index = parallel_config.data_parallel_rank
+    return 1 + index * parallel_config.world_size + worker_rank
+
+
+def _replicas(parallel_config) -> int:
+    if parallel_config.distributed_executor_backend == "external_launcher":
+        return 1  # vLLM multiplies world_size by data_parallel_size itself
+    return parallel_config.data_parallel_size
+
+
+@dataclass
+class _Joined:
+    group: object
+    device: torch.device
+    timeout_s: float
+    broken: str | None = None  # why the last receive failed; the group cannot be reused
+
+
 def join_group_on_worker(worker, name: str, host: str, port: int, world_size: int, backend: str | None,
-                         timeout_s: float) -> int:
-    """Worker end of ``join_weight_broadcast``: rank = 1 + the worker's global rank."""
+                         timeout_s: float = DEFAULT_TIMEOUT.total_seconds()) -> int:
+    """Worker end of ``join_weight_broadcast``; rank: ``broadcast_rank``. Joining again under
+    the same name replaces (and shuts down) the old group, so a new trainer process can take
+    over without restarting the engine."""
     device = getattr(worker, "device", None) or torch.device("cpu")  # None on 0.18.1 CPU workers
     backend = backend or ("nccl" if torch.device(device).type == "cuda" else "gloo")
-    rank = 1 + int(getattr(worker, "rank", 0))
-    group = _new_group(host, port, rank, world_size, backend, timedelta(seconds=timeout_s))
+    parallel_config = worker.vllm_config.parallel_config
+    rank = broadcast_rank(parallel_config, int(getattr(worker, "rank", 0)))
+    if rank >= world_size:
+        raise RuntimeError(
+            f"weight broadcast group {name!r}: this worker's rank {rank} does not fit world size {world_size} "
+            f"(data_parallel_size={parallel_config.data_parallel_size}, "
+            f"world_size per replica={parallel_config.world_size}); the client must size the group with "
+            "vllm_compat.transport.broadcast_world_size")
     groups = worker.__dict__.setdefault("_vllm_compat_groups", {})
-    groups[name] = (group, torch.device(device) if backend == "nccl" else torch.device("cpu"))
+    old = groups.pop(name, None)
+    if old is not None:
+        _shutdown(old.group)
+    group = _new_group(host, port, rank, world_size, backend, timedelta(seconds=timeout_s))
+    groups[name] = _Joined(group, torch.device(device) if backend == "nccl" else torch.device("cpu"), timeout_s)
     return rank
+
+
+class BroadcastGroupBroken(RuntimeError):
+    """A receive on a weight broadcast group failed; the group must be joined again."""
 
 
 class ProcessGroupTransport(WorkerTransport):
     def receive(self) -> Received:
-        groups = self.worker.__dict__.get("_vllm_compat_groups", {})
-        if self.params["group"] not in groups:
-            raise RuntimeError(f"this worker has not joined weight broadcast group {self.params['group']!r}")
-        group, device = groups[self.params["group"]]
+        group_name = self.params["group"]
+        joined = self.worker.__dict__.get("_vllm_compat_groups", {}).get(group_name)
+        if joined is None:
+            raise RuntimeError(f"this worker has not joined weight broadcast group {group_name!r}")
+        if joined.broken:
+            raise BroadcastGroupBroken(
+                f"weight broadcast group {group_name!r} is broken since an earlier update ({joined.broken}); rejoin: "
+                f"start a new WeightBroadcaster and call join_weight_broadcast(..., name={group_name!r}) again")
+        self.step = "the header"
+        try:
+            header, buckets = self._receive(joined.group, joined.device)
+        except Exception as e:
+            # The trainer and this worker no longer agree on which collective comes next (or
+            # the peer is gone): the group cannot be trusted again.
+            joined.broken = f"{type(e).__name__} while receiving {self.step}: {e}"
+            raise BroadcastGroupBroken(
+                f"weight broadcast group {group_name!r}: receive failed ({joined.broken}); the trainer died, stalled "
+                f"past the {joined.timeout_s:g} s timeout, or sent something else. Rejoin: start a new "
+                f"WeightBroadcaster and call join_weight_broadcast(..., name={group_name!r}) again") from e
+        meta, tensors = {}, {}  # every collective is done: an error from here on leaves the group usable
+        for name, dtype_name, shape, bucket, offset, nbytes in header["tensors"]:
+            dtype = _dtype_from_name(dtype_name)
+            meta[name] = (tuple(shape), dtype)
+            tensors[name] = buckets[bucket][offset:offset + nbytes].view(dtype).reshape(shape)
+        return Received(meta, tensors, sum(header["buckets"]))
+
+    def _receive(self, group, device) -> tuple[dict, list[torch.Tensor]]:
         length = torch.zeros(1, dtype=torch.int64, device=device)
         _broadcast(group, length)
         raw = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
@@ -255,16 +416,12 @@ class ProcessGroupTransport(WorkerTransport):
         if header.get("version") != WIRE_VERSION:
             raise RuntimeError(f"weight broadcast wire version {header.get('version')} != {WIRE_VERSION}")
         buckets = []
-        for size in header["buckets"]:  # receive everything, even if it will be refused
+        for i, size in enumerate(header["buckets"]):  # receive everything, even if it will be refused
+            self.step = f"bucket {i + 1} of {len(header['buckets'])}"
             buf = torch.empty(size, dtype=torch.uint8, device=device)
             _broadcast(group, buf)
             buckets.append(buf)
-        meta, tensors = {}, {}
-        for name, dtype_name, shape, bucket, offset, nbytes in header["tensors"]:
-            dtype = _dtype_from_name(dtype_name)
-            meta[name] = (tuple(shape), dtype)
-            tensors[name] = buckets[bucket][offset:offset + nbytes].view(dtype).reshape(shape)
-        return Received(meta, tensors, sum(header["buckets"]))
+        return header, buckets
 
 
 BUILT_IN: dict[str, type[WorkerTransport]] = {"file": FileTransport, "process_group": ProcessGroupTransport}
