@@ -32,7 +32,7 @@ BASE = load_file(str(MODELS / "llama-fp32/model.safetensors"))
 UPDATE = load_file(str(MODELS / "llama-fp32-update/model.safetensors"))
 REQUESTS, MAX_TOKENS = 64, 160
 LIMIT = verify.THRESHOLDS["float32"]["max_abs_vs_trainer"]
-GROUP_TIMEOUT = timedelta(seconds=10)
+GROUP_TIMEOUT = timedelta(seconds=30)  # also bounds the join: trainers start under load
 FUSED_HALVES = {
     "partial_1": ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"],
     "partial_2": ["model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight",

@@ -260,8 +260,9 @@ def _shutdown(group) -> None:
         pass
 
 
-def _broadcast(group, tensor: torch.Tensor) -> None:
-    group.broadcast(tensor, 0).wait()
+def _broadcast(group, tensor: torch.Tensor, timeout: timedelta | None = None) -> None:
+    work = group.broadcast(tensor, 0)
+    work.wait(timeout) if timeout is not None else work.wait()
 
 
 class WeightBroadcaster:
@@ -408,10 +409,12 @@ class ProcessGroupTransport(WorkerTransport):
         return Received(meta, tensors, sum(header["buckets"]))
 
     def _receive(self, group, device) -> tuple[dict, list[torch.Tensor]]:
+        # update_weights(timeout=...) bounds each collective too, where it is below the group's
+        timeout = timedelta(seconds=self.params["timeout_s"]) if self.params.get("timeout_s") else None
         length = torch.zeros(1, dtype=torch.int64, device=device)
-        _broadcast(group, length)
+        _broadcast(group, length, timeout)
         raw = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
-        _broadcast(group, raw)
+        _broadcast(group, raw, timeout)
         header = json.loads(bytes(raw.cpu().numpy()))
         if header.get("version") != WIRE_VERSION:
             raise RuntimeError(f"weight broadcast wire version {header.get('version')} != {WIRE_VERSION}")
@@ -419,8 +422,10 @@ class ProcessGroupTransport(WorkerTransport):
         for i, size in enumerate(header["buckets"]):  # receive everything, even if it will be refused
             self.step = f"bucket {i + 1} of {len(header['buckets'])}"
             buf = torch.empty(size, dtype=torch.uint8, device=device)
-            _broadcast(group, buf)
-            buckets.append(buf)
+            _broadcast(group, buf, timeout)
+            # Staged in host memory until the commit: the accelerator holds one bucket at a time
+            # (a whole second copy of the weights there would not fit beside a large model).
+            buckets.append(buf if buf.device.type == "cpu" else buf.cpu())
         return header, buckets
 
 

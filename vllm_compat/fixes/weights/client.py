@@ -148,9 +148,9 @@ def _is_async(engine) -> bool:
     return not hasattr(engine, "llm_engine")  # LLM wraps an LLMEngine; AsyncLLM is the engine
 
 
-def _engine_world_size(engine) -> int:
+def _parallel_config(engine):
     config = engine.llm_engine.vllm_config if hasattr(engine, "llm_engine") else engine.vllm_config
-    return config.parallel_config.world_size
+    return config.parallel_config
 
 
 def _spec(weights: Weights, cleanups: list, timeout: float | None) -> tp.TransportSpec:
@@ -162,7 +162,7 @@ def _spec(weights: Weights, cleanups: list, timeout: float | None) -> tp.Transpo
     else:
         try:
             spec, cleanup = tp.file_spec(weights)
-        except (FileNotFoundError, TypeError) as e:
+        except (FileNotFoundError, TypeError, tp.NoSpaceForWeights) as e:
             raise WeightUpdateError(f"weight update refused, nothing changed: {e}") from None
         cleanups.append(cleanup)
     if timeout is not None:
@@ -344,13 +344,15 @@ async def _update_async(engine, weights: Weights, timeout: float | None) -> Weig
 
 
 def join_weight_broadcast(engine, host: str, port: int, *, backend: str | None = None,
-                          timeout: timedelta = timedelta(seconds=60), name: str = "default"):
+                          timeout: timedelta = tp.DEFAULT_TIMEOUT, name: str = "default"):
     """Have every worker of ``engine`` join the trainer's ``WeightBroadcaster`` (ranks
     1..N; the trainer, rank 0, must connect at the same time). Returns a BroadcastGroup
     (an awaitable of one for AsyncLLM). ``backend``: default gloo for CPU workers, NCCL
     for CUDA workers. ``timeout`` bounds every collective of the group (a dead trainer makes
-    the receive fail within it). Joining again under the same name replaces the group."""
-    world_size = 1 + _engine_world_size(engine)
+    the receive fail within it). Joining again under the same name replaces the group, so a new
+    trainer process can take over after one died. Workers of every data-parallel replica join
+    (the trainer's ``num_engine_workers`` is ``world_size - 1``)."""
+    world_size = tp.broadcast_world_size(_parallel_config(engine))
     args = (name, host, port, world_size, backend, timeout.total_seconds())
     group = BroadcastGroup(name, world_size)
     if _is_async(engine):
