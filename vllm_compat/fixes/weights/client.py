@@ -299,7 +299,20 @@ async def _within(awaitable, deadline: float | None, timeout: float | None):
                                   f"{timeout} s") from None
 
 
+def _refuse_several_engine_cores(engine) -> None:
+    """With data parallelism behind one AsyncLLM, vLLM's client sends a utility call to every
+    engine core but returns only the first one's result: a refusal on another replica would go
+    unseen and the update would not be atomic. Refused until the results of all are read."""
+    cores = getattr(getattr(engine, "engine_core", None), "core_engines", None) or ()
+    if len(cores) > 1:
+        raise WeightUpdateError(
+            f"weight update refused, nothing changed: this AsyncLLM drives {len(cores)} data-parallel engine cores "
+            "and vLLM returns only the first one's RPC results, so a refusal on another replica would go unseen. "
+            "Run one engine per data-parallel rank (external load balancing) and update each.")
+
+
 async def _update_async(engine, weights: Weights, timeout: float | None) -> WeightUpdateResult:
+    _refuse_several_engine_cores(engine)
     lock = _async_locks.setdefault(engine, asyncio.Lock())
     async with lock:
         deadline = None if timeout is None else time.monotonic() + timeout
