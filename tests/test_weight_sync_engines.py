@@ -4,7 +4,8 @@ state, which would break that file's module-scoped engine."""
 import pytest
 
 import vllm_compat
-from vllm_compat import golden, verify, versions, weight_sync
+from vllm_compat import golden, verify, versions
+from vllm_compat.fixes.weights import worker as weights_worker
 from vllm_compat.golden import GOLDEN_DIR
 
 pytestmark = pytest.mark.engine
@@ -17,14 +18,14 @@ def test_tied_head_is_refreshed_after_an_update():
     def run(refresh: bool):
         before = vllm_compat.applied()
         vllm_compat.apply(exclude=["lm_head_fp32"])
-        original = weight_sync._refresh_derived
+        original = weights_worker.refresh_derived
         if not refresh:
-            weight_sync._refresh_derived = lambda model: None
+            weights_worker.refresh_derived = lambda model: None
         try:
             rows = verify.verify(GOLDEN_DIR / "fixtures", MODELS, ["qwen2-tied-bf16"], ["weight_update_greedy"],
                                  log=lambda s: None)
         finally:
-            weight_sync._refresh_derived = original
+            weights_worker.refresh_derived = original
             vllm_compat.apply(include=before)
         return rows[0]
 
