@@ -31,7 +31,7 @@ from ... import transport as tp
 from ... import versions
 
 # Quant methods whose post-processing leaves parameters in checkpoint format (on CPU the GEMM
-# packing keeps the weight while the weight_updates fix is active; see dropped_weights).
+# packing keeps the weight while the weight_updates fix is active, see fixes/weights/__init__.py).
 _CHECKPOINT_FORMAT_METHODS = ("UnquantizedLinearMethod", "UnquantizedEmbeddingMethod")
 
 
@@ -144,14 +144,6 @@ def holds_checkpoint_format(module: torch.nn.Module) -> bool:
     return not any(p.numel() == 0 for p in module.parameters(recurse=False))
 
 
-def dropped_weights(model) -> list[str]:
-    """Layers whose load-time weight vLLM replaced by a processed copy and dropped (on CPU: the
-    packed oneDNN / SGL GEMM weights, when the weight_updates fix did not keep them)."""
-    return sorted(name for name, module in model.named_modules()
-                  if getattr(module, "quant_method", None) is not None
-                  and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.numel() == 0)
-
-
 @dataclass
 class Plan:
     direct: list[str] = field(default_factory=list)      # loaded into the live parameters
@@ -203,9 +195,9 @@ def _full_targets(worker) -> dict[str, set[Target]]:
 
 
 def _safetensors_dtype(name: str) -> torch.dtype:
-    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-            "BOOL": torch.bool}.get(name, torch.float32)
+    from safetensors.torch import _getdtype  # safetensors' own header-name -> torch dtype table
+
+    return _getdtype(name)
 
 
 # ---- loading ------------------------------------------------------------------------------
