@@ -1,5 +1,5 @@
 """Update tests that start engines of their own through verify. Kept out of
-test_weight_sync.py: an engine shut down in a process tears down vLLM's global parallel
+test_weight_updates.py: an engine shut down in a process tears down vLLM's global parallel
 state, which would break that file's module-scoped engine."""
 import pytest
 
