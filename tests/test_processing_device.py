@@ -62,7 +62,8 @@ CASES = {
     "top_k": ([S(top_k=5)] * ROWS, False, NO_TIE),
     "top_k_ties": ([S(top_k=5)] * ROWS, False, TIE),
     "top_k_too_many_ties": ([S(top_k=5)] * ROWS, False, [False, 2000] + DECIDED),  # -> exact top-p path
-    "top_k_above_candidates": ([S(top_k=2000)] * ROWS, False, GROW_ONE),  # k > the first topk
+    "top_k_above_candidates": ([S(top_k=2000)] * ROWS, False, []),  # topk(2000) of 3000: V0's sort
+    "top_k_above_candidates_and_off": ([S(top_k=1200), S(top_p=0.9)] * (ROWS // 2), False, DECIDED),
     "top_p": ([S(top_p=0.9)] * ROWS, False, DECIDED),
     "top_p_some_rows_sorted": ([S(top_p=0.9)] * ROWS, False, SORT_TWO),
     "top_p_some_rows_grow": ([S(top_p=0.99)] * ROWS, False, GROW_ONE),

@@ -201,11 +201,15 @@ def _sum_model(device: torch.device) -> tuple[int, int] | None:
     return lanes, 64
 
 
-def _top_k_top_p_partial(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``apply_top_k_top_p_sorted``'s result, bit for bit, sorting only the rows that need it."""
+def _top_k_top_p_partial(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
+                         top_k_max: int | None = None, p_one: bool = True) -> torch.Tensor:
+    """``apply_top_k_top_p_sorted``'s result, bit for bit, sorting only the rows that need it.
+    Hints a caller may know from the sampling parameters (none is a host read): ``top_k_max``,
+    the largest k below the vocabulary (0: none), which sizes the first topk; ``p_one=False``:
+    no row has ``1 - p <= 0`` without a top-k (saves a pass over the rows)."""
     rows, vocab = logits.shape
     model = _sum_model(logits.device)
-    kc = min(_TOP_P_CANDIDATES, vocab)
+    kc = min(max(_TOP_P_CANDIDATES, top_k_max or 0), vocab)
     if rows == 0 or model is None or 2 * kc > vocab:
         return apply_top_k_top_p_sorted(logits, k, p)
     k = k.to(torch.long)
@@ -217,10 +221,13 @@ def _top_k_top_p_partial(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor)
         sel = (lambda t: t) if n == rows else (lambda t: t.index_select(0, pending))
         sub = sel(logits)
         vals, idx = sub.topk(kc, dim=-1)
-        keep, whole, more, fallback = _top_p_decide(sub, vals, idx, sel(probs), sel(k), sel(thr), model)
+        keep, whole, more, fallback = _top_p_decide(sub, vals, idx, sel(probs), sel(k), sel(thr), model, p_one)
         kept = vals.masked_fill(torch.arange(kc, device=vals.device) >= keep.unsqueeze(1), -float("inf"))
-        res = torch.full_like(sub, -float("inf")).scatter_(1, idx, kept)
-        out.index_copy_(0, pending, torch.where(whole.unsqueeze(1), sub, res))
+        res = (out if n == rows else torch.empty_like(sub)).fill_(-float("inf")).scatter_(1, idx, kept)
+        if p_one:
+            res = torch.where(whole.unsqueeze(1), sub, res)
+        if n < rows or p_one:
+            out.index_copy_(0, pending, res)
         # The one host read of a round: how many rows need a full sort, and how many a larger topk.
         code = int(_host(more.sum() * (rows + 1) + fallback.sum()))
         n_more, n_sort = divmod(code, rows + 1)
@@ -239,7 +246,7 @@ def _top_k_top_p_partial(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor)
             return out
 
 
-def _top_p_decide(sub, vals, idx, probs, k, thr, model):
+def _top_p_decide(sub, vals, idx, probs, k, thr, model, p_one=True):
     """For each row of the candidates (``vals`` descending, ``idx``): -> (number kept from the top,
     row kept whole, needs a larger topk, needs V0's sort), all [rows]."""
     lanes, combine = model
@@ -263,7 +270,10 @@ def _top_p_decide(sub, vals, idx, probs, k, thr, model):
     # the tail (nt values, mass T, each <= the last candidate q) a lane's partials sum to at most
     # (T / lanes + q) * (nt / lanes + 2) / 2, (T + lanes * q) * (nt / lanes + 2) / 2 over all lanes
     # (strided lanes of a sorted row differ by one value at most).
-    first = torch.searchsorted(-vals, -vals)
+    col = torch.arange(kc, device=vals.device)
+    starts = torch.ones_like(vals, dtype=torch.bool)
+    starts[:, 1:] = vals[:, 1:] != vals[:, :-1]
+    first = torch.where(starts, col, 0).cummax(dim=1).values  # first index of i's tied values
     w = (cum.gather(1, first) * in_topk).sum(1, keepdim=True)
     nt = vocab - kc
     w = w + torch.where(topk_on, 0.0, (tail / z + lanes * pc[:, -1:] / z) * (nt / lanes + 2) / 2)
@@ -283,8 +293,12 @@ def _top_p_decide(sub, vals, idx, probs, k, thr, model):
     covered = torch.where(topk_on, topk_covered, (k1 < kc) | (kc == vocab))
     # p >= 1 without top-k: V0 drops only tokens whose probability is 0 (-inf, or an exp that
     # underflows: ruled out when every finite value is within 60 of the largest).
-    whole = ~topk_on & (thr <= 0)
-    safe = (thr < 0) | ~((sub < vals[:, :1] - 60) & (sub > -float("inf"))).any(1, keepdim=True)
+    if p_one:
+        whole = ~topk_on & (thr <= 0)
+        finite_min = sub.nan_to_num(nan=float("nan"), posinf=float("inf"), neginf=float("inf")).amin(1, keepdim=True)
+        safe = (thr < 0) | (finite_min >= vals[:, :1] - 60)  # NaN: not safe
+    else:
+        whole = safe = torch.zeros_like(covered)
     fallback = torch.where(whole, ~safe, covered & ~decided)
     more = ~whole & ~covered
     return keep, (whole & safe).squeeze(1), more.squeeze(1), fallback.squeeze(1)
@@ -341,7 +355,10 @@ def v0_processed_logprobs(logits: torch.Tensor, specs: Sequence[SamplingSpec],
         if with_min_p:
             logits = apply_top_k_top_p(logits, ks, ps, k_max=max(k_values))
         else:  # _top_k_candidates already refused these rows: V0's kept set without its sort
-            logits = _top_k_top_p_partial(logits, ks, ps)
+            top_k_max = max([kv for kv in k_values if kv < vocab], default=0)
+            p_one = any(kv == vocab and float(1 - torch.tensor(s.top_p, dtype=torch.float32).to(pdt)) <= 0
+                        for kv, s in zip(k_values, specs))  # host floats: V0's 1 - p in pdt
+            logits = _top_k_top_p_partial(logits, ks, ps, top_k_max=top_k_max, p_one=p_one)
     elif any(t != 1.0 for t in temp_values):  # x / 1.0 == x: no copy of the row needed
         logits = logits / temps.unsqueeze(1)
     if with_min_p:
