@@ -202,3 +202,17 @@ def test_host_reads_one_per_round(monkeypatch):
     reads.clear()
     apply_top_k_top_p(logits, torch.full((16,), 32000), torch.full((16,), 0.99), k_max=32000)
     assert len(reads) == 2  # the cut lies below the first 1024 candidates: a second round
+
+
+def test_top_k_path_at_one_minus_p_equal_to_v0_sums():
+    """The top-k <= 1024 path (candidates only) at V0's own cumulative sums, one ulp either side."""
+    vocab, rows, k = 32000, 24, 500
+    logits = rows_like_lm(rows, vocab, 4.0, seed=0)
+    srt = logits.sort(dim=-1).values
+    srt = srt.masked_fill(srt < srt[:, vocab - k:vocab - k + 1], -INF)
+    cums = srt.softmax(-1).cumsum(-1)
+    c = cums.gather(1, torch.tensor([vocab - 2 - (7 * i) % 300 for i in range(rows)]).unsqueeze(1)).squeeze(1)
+    for target in (c, torch.nextafter(c, torch.ones(())), torch.nextafter(c, torch.zeros(()))):
+        p = 1 - target.double()
+        out = apply_top_k_top_p(logits.clone(), torch.full((rows,), k), p, k_max=k)
+        assert torch.equal(out, apply_top_k_top_p_sorted(logits.clone(), torch.full((rows,), k), p))
