@@ -5,8 +5,9 @@ CPU tensor raises ("Tensor on device cpu is not on the expected device meta!") a
 any host read (``.item()``, ``bool()``, ``int()``, ``.tolist()``). A function that runs on
 meta logits therefore makes every per-call tensor on the logits' device and syncs nowhere.
 The deliberate host reads (the tie check in ``_top_k_candidates``, one per round of the exact
-top-p path ``_top_k_top_p_partial``: their answers set shapes) go through ``processing._host``; here it is replaced by scripted answers, so the
-test also pins how many reads each kind of request costs and covers both answers.
+top-p path ``_top_k_top_p_partial``: their answers set shapes) go through ``processing._host``;
+here it is replaced by scripted answers, so the test also pins how many reads each kind of
+request costs and covers the answers.
 """
 import types
 
