@@ -4,9 +4,10 @@ No GPU needed: tensors on the ``meta`` device have no data, so any op that mixes
 CPU tensor raises ("Tensor on device cpu is not on the expected device meta!") and so does
 any host read (``.item()``, ``bool()``, ``int()``, ``.tolist()``). A function that runs on
 meta logits therefore makes every per-call tensor on the logits' device and syncs nowhere.
-The one deliberate host read (the tie check in ``_top_k_candidates``, whose answer sets a
-shape) goes through ``processing._host``; here it is replaced by scripted answers, so the
-test also pins how many reads each kind of request costs and covers both answers.
+The deliberate host reads (the tie check in ``_top_k_candidates``, one per round of the exact
+top-p path ``_top_k_top_p_partial``: their answers set shapes) go through ``processing._host``;
+here it is replaced by scripted answers, so the test also pins how many reads each kind of
+request costs and covers the answers.
 """
 import types
 
@@ -50,6 +51,9 @@ S = SamplingSpec
 PROMPT = [[1, 2, 3], [], [5, 5], [7]]
 OUTPUT = [[2, 9], [4], [], [9, 9, 9]]
 NO_TIE, TIE = [True], [False, 12]  # answers for the tie check (+ the tied count)
+# Answers for the exact top-p path (a topk, no sort of the vocabulary): one read per round,
+# (rows needing a larger topk) * (ROWS + 1) + (rows needing V0's sort).
+DECIDED, SORT_TWO, GROW_ONE = [0], [2], [ROWS + 1]  # GROW_ONE: 4 * 1024 > VOCAB / 2 -> sorted
 
 # (specs per row, with tokens for penalties, answers to the host reads it must make)
 CASES = {
@@ -58,9 +62,14 @@ CASES = {
     "greedy": ([S.from_params({"temperature": 0.0, "top_p": 0.5, "top_k": 3})] * ROWS, False, []),
     "top_k": ([S(top_k=5)] * ROWS, False, NO_TIE),
     "top_k_ties": ([S(top_k=5)] * ROWS, False, TIE),
-    "top_k_too_many_ties": ([S(top_k=5)] * ROWS, False, [False, 2000]),  # -> full sort
-    "top_k_above_candidates": ([S(top_k=2000)] * ROWS, False, []),  # full sort, known from k
-    "top_p": ([S(top_p=0.9)] * ROWS, False, []),
+    "top_k_too_many_ties": ([S(top_k=5)] * ROWS, False, [False, 2000] + DECIDED),  # -> exact top-p path
+    "top_k_above_candidates": ([S(top_k=2000)] * ROWS, False, []),  # topk(2000) of 3000: V0's sort
+    "top_k_above_candidates_and_off": ([S(top_k=1200), S(top_p=0.9)] * (ROWS // 2), False, DECIDED),
+    "top_p": ([S(top_p=0.9)] * ROWS, False, DECIDED),
+    "top_p_some_rows_sorted": ([S(top_p=0.9)] * ROWS, False, SORT_TWO),
+    "top_p_some_rows_grow": ([S(top_p=0.99)] * ROWS, False, GROW_ONE),
+    "top_p_grow_and_sort": ([S(top_p=0.99)] * ROWS, False, [ROWS + 1 + 2]),
+    "top_p_one": ([S(top_p=1.0, top_k=-1), S(top_p=0.5)] * (ROWS // 2), False, DECIDED),
     "min_p": ([S(min_p=0.1)] * ROWS, False, []),
     "top_k_min_p": ([S(top_k=5, min_p=0.1)] * ROWS, False, NO_TIE),
     "repetition": ([S(repetition_penalty=1.3)] * ROWS, True, []),
@@ -72,7 +81,7 @@ CASES = {
     "everything_but_min_p": ([S(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1)] * ROWS,
                              True, TIE),
     "mixed_rows": ([S(), S.from_params({"temperature": 0.0}), S(temperature=1.5, top_p=0.8),
-                    S(top_k=3, frequency_penalty=0.5)], True, []),  # a top-k off: full sort, no read
+                    S(top_k=3, frequency_penalty=0.5)], True, DECIDED),  # a top-k off: exact top-p path
     "mixed_rows_all_top_k": ([S(top_k=1), S(temperature=0.5, top_k=7), S(top_k=20, top_p=0.5),
                               S(top_k=3, repetition_penalty=2.0)], True, NO_TIE),
 }
@@ -98,7 +107,7 @@ def test_v0_processed_logprobs_is_device_generic(monkeypatch, case, param_dtype)
 def test_prompt_logprobs_fix_processing_is_device_generic(monkeypatch, params):
     """What the prompt_logprobs fix runs inside the engine step, as vLLM calls it."""
     compute_logprobs = _processing(spec_for(types.SimpleNamespace(**params)), param_dtype_of_logits=True)
-    reads = NO_TIE if params["top_k"] > 0 else []
+    reads = NO_TIE if params["top_k"] > 0 else DECIDED if params["top_p"] < 1 else []
     assert_device_generic(monkeypatch, compute_logprobs, meta_logits(torch.bfloat16), reads=reads)
 
 
@@ -109,7 +118,10 @@ def test_building_blocks_are_device_generic(monkeypatch):
     assert_device_generic(monkeypatch, apply_top_k_top_p, logits, k, p, k_max=5, reads=NO_TIE)
     # Without k_max the largest k is read first (the logprobs fix's sampler path).
     assert_device_generic(monkeypatch, apply_top_k_top_p, logits, k, p, reads=[5, True])
-    assert_device_generic(monkeypatch, apply_top_k_top_p, logits, k, p, reads=[VOCAB])  # top-k off
+    assert_device_generic(monkeypatch, apply_top_k_top_p, logits, k, p, reads=[VOCAB] + DECIDED)  # top-k off
+    off = torch.full((ROWS,), VOCAB, device=META)
+    assert_device_generic(monkeypatch, apply_top_k_top_p, logits, off, p, k_max=VOCAB, reads=SORT_TWO)
+    assert_device_generic(monkeypatch, processing._top_k_top_p_partial, logits, off, p, reads=GROW_ONE)
     assert_device_generic(monkeypatch, apply_top_k_top_p_sorted, logits, k, p)
     assert_device_generic(monkeypatch, apply_min_p, logits, torch.full((ROWS,), 0.1, device=META))
     counts = assert_device_generic(monkeypatch, bin_counts, PROMPT, VOCAB, META)
