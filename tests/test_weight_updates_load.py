@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 
 import pytest
@@ -50,6 +51,7 @@ import vllm.distributed.utils  # noqa: F401  (imported before READY: the engine 
 from vllm_compat import WeightBroadcaster, transport
 
 print("READY", flush=True)
+sys.stdin.readline()  # "go": the engine joins right after, well within the trainer's timeout
 port, path, die_after = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 bc = WeightBroadcaster("127.0.0.1", port, num_engine_workers=1, backend="gloo", bucket_bytes=1 << 20,
                        timeout=timedelta(seconds=60))
@@ -98,7 +100,8 @@ def run_engine(tmp_path):
             save_file(weight_set(alpha), str(path))
             port = free_port()
             proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(port), str(path),
-                                     "3" if kind == "trainer_dies" else "0"], stdout=subprocess.PIPE, text=True)
+                                     "3" if kind == "trainer_dies" else "0"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
             trainers.append((port, proc))
 
     async def generate(engine, i):
@@ -152,6 +155,9 @@ def run_engine(tmp_path):
                     port, proc = next(next_trainer)
                     while (line := await asyncio.to_thread(proc.stdout.readline)).strip() != "READY":
                         assert line, "the trainer process exited before it was ready"  # vLLM logs to stdout too
+                    threading.Thread(target=proc.stdout.read, daemon=True).start()  # never let its pipe fill up
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
                     group = await vllm_compat.join_weight_broadcast(engine, "127.0.0.1", port, timeout=GROUP_TIMEOUT,
                                                                     name="trainer")
                     if kind == "trainer_dies":
