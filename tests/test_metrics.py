@@ -214,3 +214,70 @@ def test_progress_bar_and_header():
     assert lines[1].startswith("3 scenarios on 2 model(s): a, b")
     assert lines[2] == "vLLM and engine logs: /tmp/x.log (-v to show them here)"
     assert "fixes: none (stock V1)" in verify.header_lines("0.32.0", [], {}, [("a", "s")])[0]
+
+
+def test_boundary_margin_from_full_logits():
+    import torch
+
+    from vllm_compat import verify
+
+    x = torch.tensor([5.0, 4.0, 3.0, 3.0 - 2e-6, 1.0, 0.0])  # 3rd and 4th 2e-6 apart
+    assert verify.boundary_margin(x, {"temperature": 1.0, "top_k": 3}) < 1e-5
+    assert math.isclose(verify.boundary_margin(x, {"temperature": 1.0, "top_k": 2}), 1.0, rel_tol=1e-6)
+    assert math.isclose(verify.boundary_margin(x, {"temperature": 0.5, "top_k": 2}), 2.0, rel_tol=1e-6)
+    assert verify.boundary_margin(x, {"temperature": 1.0}) == math.inf
+    # top-p: the mass above token 2 is exactly p (a cut right at the boundary) vs far from it.
+    p = float(torch.softmax(x, 0)[:2].sum())
+    assert verify.boundary_margin(x, {"temperature": 1.0, "top_p": p + 1e-7}) < 1e-5
+    assert verify.boundary_margin(x, {"temperature": 1.0, "top_p": p + 0.05}) > 1e-3
+    # min-p: token 1 sits at probability min_p * max.
+    assert verify.boundary_margin(x, {"temperature": 1.0, "min_p": math.exp(-1.0) * (1 + 1e-7)}) < 1e-5
+    assert verify.boundary_margin(x, {"temperature": 1.0, "min_p": math.exp(-1.5)}) > 0.4
+
+
+def test_invisible_flip_is_an_edge_only_when_the_reference_is_on_the_boundary():
+    """A flip outside the returned lists: masks agree, every logprob shifts by the flipped
+    token's mass; the trainer's full logits (``boundary``) decide."""
+    from vllm_compat import verify
+
+    floor = verify.edge_floor("float32")
+    mine = res([1], [[[1, -0.5, 1], [2, -1.0, 2]]])
+    ref = res([1], [[[1, -0.2, 1], [2, -0.7, 2]]])
+    seen = []
+
+    def on_edge(where):
+        seen.append(where)
+        return 2e-6
+
+    m = golden.compare_to_reference([mine], [ref], edge_floor=floor, suspect=1e-4, boundary=on_edge)
+    assert seen == [(0, 0, 0)] and m["edges"] == 1 and m["sampled_max_abs"] == 0.0
+    m = golden.compare_to_reference([mine], [ref], edge_floor=floor, suspect=1e-4, boundary=lambda w: 0.5)
+    assert m["edges"] == 0 and math.isclose(m["sampled_max_abs"], 0.3)
+    # Within the gate: the boundary is not even asked.
+    m = golden.compare_to_reference([ref], [ref], edge_floor=floor, suspect=1e-4, boundary=lambda w: 1 / 0)
+    assert m["edges"] == 0
+
+
+def test_trainer_boundary_scores_the_reference_sequence_at_the_right_row():
+    import torch
+
+    from vllm_compat import verify
+
+    class FakeTrainer:
+        calls = []
+
+        def logits(self, tokens):
+            self.calls.append(list(tokens))
+            rows = torch.tensor([[5.0, 4.0, 3.0, 1.0]]).repeat(len(tokens), 1)
+            rows[len(tokens) - 1 - 1, 2] = 4.0 - 1e-6  # the row predicting the last token: a near-tie
+            return rows
+
+    sc = {"requests": [{"prompt_token_ids": [7, 8, 9], "params": {"temperature": 1.0, "top_k": 2}}]}
+    ref = [{"completions": [{"token_ids": [1, 2, 3]}]}]
+    trainer = FakeTrainer()
+    boundary = verify.trainer_boundary(trainer, sc, ref)
+    assert boundary((0, 0, 2)) < 1e-5  # row len(prompt) - 1 + 2 predicts completion token 2
+    assert boundary((0, 0, 1)) == 1.0
+    assert trainer.calls == [[7, 8, 9, 1, 2, 3]]  # one pass per sequence
+    assert boundary((0, "prompt", 1)) == 1.0 and boundary((0, "prompt", 0)) is None
+    assert verify.trainer_boundary(trainer, {**sc, "update": {"after_step": 6}}, ref)((0, 0, 2)) is None

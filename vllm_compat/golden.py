@@ -231,6 +231,31 @@ class Tally:
         self.edges.append((*where, gap))
         return True
 
+    def position(self, mine: dict, ref: dict, sampled_token: int | None, kind: str | None, where: tuple,
+                 min_p: float = 0.0, suspect: float | None = None, boundary=None) -> None:
+        """One position, unless it is a knife edge: by the lists (knife_edge_gap), or, where its
+        kept sets differ or its largest |Δ| exceeds ``suspect``, by ``boundary(where)`` (the
+        reference's distance to its masking boundary, from the full distribution)."""
+        if self.is_edge(mine, ref, where, min_p):
+            return
+        sub = Tally(pairs=[] if self.pairs is not None else None)
+        sub.positions(mine, ref, sampled_token, kind)
+        if boundary is not None and self.edge_floor is not None and (
+                sub.mask_agree < sub.mask_total or (suspect is not None and max(sub.sampled_max, sub.topk_max) > suspect)):
+            gap = boundary(where)
+            if gap is not None and gap < self.edge_floor:
+                self.edges = (self.edges or []) + [(*where, gap)]
+                return
+        if kind == "prompt":
+            self.prompt_max = max(self.prompt_max, sub.topk_max)
+        else:
+            self.sampled_max, self.topk_max = max(self.sampled_max, sub.sampled_max), max(self.topk_max, sub.topk_max)
+            self.k3_sum, self.k3_n = self.k3_sum + sub.k3_sum, self.k3_n + sub.k3_n
+        self.mask_agree, self.mask_total = self.mask_agree + sub.mask_agree, self.mask_total + sub.mask_total
+        self.rank_agree, self.rank_total = self.rank_agree + sub.rank_agree, self.rank_total + sub.rank_total
+        if self.pairs is not None:
+            self.pairs.extend(sub.pairs)
+
     def positions(self, mine: dict, ref: dict, sampled_token: int | None, kind: str | None = None) -> None:
         """Compare one position's logprob dicts (same context on both sides)."""
         for tok in mine.keys() & ref.keys():
@@ -267,7 +292,8 @@ class Tally:
 
 
 def compare_to_reference(results: list[dict], reference: list[dict], pairs: list | None = None,
-                         edge_floor: float | None = None, params: list[dict] | None = None) -> dict:
+                         edge_floor: float | None = None, params: list[dict] | None = None,
+                         suspect: float | None = None, boundary=None) -> dict:
     """Engine results vs a reference engine's results, request by request.
 
     Sampled positions are compared while both sides share the context: up to and
@@ -277,6 +303,9 @@ def compare_to_reference(results: list[dict], reference: list[dict], pairs: list
     ``edge_floor``: positions whose kept sets differ within this gap (knife_edge_gap) are
     counted as knife edges and left out of the maxima, masks and ranks; None: no exclusion.
     ``params``: each request's sampling params (for the min-p cut), if known.
+    ``boundary(where)``, with ``suspect``: the reference's margin to its masking boundary at
+    ``where`` = (request, "prompt" or completion index, position), asked where the lists
+    cannot tell (a flip outside the returned top-k shifts every logprob of the position).
     ``compared_positions`` counts sampled positions with logprobs on both sides;
     ``expected_positions`` is the reference's number of sampled tokens that have logprobs (all
     of them compared when the tokens agree).
@@ -290,16 +319,7 @@ def compare_to_reference(results: list[dict], reference: list[dict], pairs: list
         both = mine["prompt_logprobs"] is not None and ref["prompt_logprobs"] is not None
         for i_pos, (pm, pr) in enumerate(zip(mine["prompt_logprobs"] if both else [],
                                              ref["prompt_logprobs"] if both else [])):
-            dm, dr = as_dict(pm), as_dict(pr)
-            if t.is_edge(dm, dr, (i_req, "prompt", i_pos), min_p):
-                continue
-            sub = Tally(pairs=pairs)
-            sub.positions(dm, dr, None, kind="prompt")
-            t.prompt_max = max(t.prompt_max, sub.topk_max)
-            t.mask_agree += sub.mask_agree
-            t.mask_total += sub.mask_total
-            t.rank_agree += sub.rank_agree
-            t.rank_total += sub.rank_total
+            t.position(as_dict(pm), as_dict(pr), None, "prompt", (i_req, "prompt", i_pos), min_p, suspect, boundary)
         for i_c, (cm, cr) in enumerate(zip(mine["completions"], ref["completions"], strict=True)):
             toks_m, toks_r = cm["token_ids"], cr["token_ids"]
             t.token_total += len(toks_r)
@@ -309,10 +329,9 @@ def compare_to_reference(results: list[dict], reference: list[dict], pairs: list
                 t.logprobs_missing += lps_m is None
             for i, (a, b) in enumerate(zip(toks_m, toks_r)):
                 if lps_m is not None and i < len(lps_m) and lps_r is not None:
-                    dm, dr = as_dict(lps_m[i]), as_dict(lps_r[i])
                     t.compared_positions += 1
-                    if not t.is_edge(dm, dr, (i_req, i_c, i), min_p):
-                        t.positions(dm, dr, a if a == b else None)
+                    t.position(as_dict(lps_m[i]), as_dict(lps_r[i]), a if a == b else None, None, (i_req, i_c, i),
+                               min_p, suspect, boundary)
                 if a != b:
                     break
                 t.token_agree += 1

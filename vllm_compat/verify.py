@@ -50,7 +50,10 @@ THRESHOLDS = {
 # Knife edges ("edge_floor", in scaled-logit units, multiplied by the temperature scale like the
 # max-|Δ| limits): a position whose kept sets differ (a token finite on one side, -inf on the
 # other) while every flipped token lies within edge_floor of the nearest token both sides keep
-# (top-k boundary, ties) or of the min-p cut (golden.knife_edge_gap). V0 and V1 compute the same
+# (top-k boundary, ties) or of the min-p cut (golden.knife_edge_gap); or a position whose kept
+# sets differ, or whose largest |Δ| exceeds the max-|Δ| gate (a flip outside the returned lists
+# shifts every logprob), while the trainer's fp32 logits on V0's sequence put a top-k, top-p or
+# min-p boundary within edge_floor (boundary_margin; not for the update scenarios). V0 and V1 compute the same
 # logits to within the noise floor, so such a boundary can fall either way; the position's
 # logprobs all shift by the flipped token's mass. Counted in the `edges` column and the summary,
 # left out of the max-|Δ|, mask and rank gates. Floor: 2 x the largest |Δlogprob| between V1+shim
@@ -190,6 +193,73 @@ def judge(row: Row, limits: dict, scale: float = 1.0) -> None:
         over(tr["k3"], limits["k3_vs_trainer"], "k3 vs trainer")
 
 
+def boundary_margin(logits, params: dict, prompt: list[int] | None = None, output: list[int] | None = None) -> float:
+    """How far one row of raw fp32 logits sits from V0's masking boundaries under ``params``:
+    the smallest of the top-k gap |s_k - s_(k+1)|, the top-p margin |c - p| (c: the descending
+    cumulative probability of the top-k-renormalised distribution where V0's cut falls, on
+    either side of it) and the min-p margin |s_t - s_max - log(min_p)| over the tokens top-k/top-p
+    keep, with s = penalised logits / T (V0's order). inf when no filter applies. Units: scaled
+    logits for top-k and min-p; probability for top-p (a logit noise of ε moves a cumulative
+    probability by at most ~ε, so the same floor applies)."""
+    import torch
+
+    from .processing import SamplingSpec, apply_penalties, bin_counts
+
+    spec = SamplingSpec.from_params(params)
+    x = logits.float()[None]
+    if prompt is not None and spec.has_penalties:
+        f32 = lambda v: torch.tensor([v], dtype=torch.float32)  # noqa: E731
+        x = apply_penalties(x, bin_counts([prompt], x.shape[1], x.device), bin_counts([output or []], x.shape[1], x.device),
+                            f32(spec.repetition_penalty), f32(spec.frequency_penalty), f32(spec.presence_penalty))
+    s = (x[0] / (1.0 if spec.greedy else spec.temperature)).sort(descending=True).values
+    margin = math.inf
+    k = s.numel() if spec.top_k in (-1, 0) else min(spec.top_k, s.numel())
+    if k < s.numel():
+        margin = min(margin, float(s[k - 1] - s[k]))
+    kept = s[:k]
+    if spec.top_p < 1.0:
+        probs = kept.softmax(0)
+        before = torch.cumsum(probs, 0) - probs  # mass above each token: masked once it reaches p
+        cut = int((before < spec.top_p).sum())  # tokens kept
+        margin = min(margin, float(spec.top_p - before[cut - 1]))
+        if cut < k:
+            margin = min(margin, float(before[cut] - spec.top_p))
+        kept = kept[:cut]
+    if spec.min_p > 0.0:
+        margin = min(margin, float((kept - kept[0] - math.log(spec.min_p)).abs().min()))
+    return margin
+
+
+def trainer_boundary(trainer, scenario: dict, reference: list[dict]):
+    """``boundary(where)`` for golden.compare_to_reference: boundary_margin of the trainer's fp32
+    logits on the reference's own sequence at ``where``, scored once per sequence. None (not a
+    knife edge) for the update scenarios, whose later tokens came from two weight sets."""
+    if scenario.get("update"):
+        return lambda where: None
+    requests = scenario["requests"]
+    cache: dict = {}
+
+    def boundary(where):
+        i_req, which, pos = where
+        req = requests[i_req]
+        prompt, params = req["prompt_token_ids"], req["params"]
+        if which == "prompt":
+            if pos == 0:
+                return None
+            key = (i_req, "prompt")
+            if key not in cache:
+                cache[key] = trainer.logits(prompt)
+            return boundary_margin(cache[key][pos - 1], {**params, "repetition_penalty": 1.0,
+                                                         "presence_penalty": 0.0, "frequency_penalty": 0.0})
+        out = reference[i_req]["completions"][which]["token_ids"]
+        key = (i_req, which)
+        if key not in cache:
+            cache[key] = trainer.logits(prompt + out)
+        return boundary_margin(cache[key][len(prompt) - 1 + pos], params, prompt, out[:pos])
+
+    return boundary
+
+
 def edge_floor(dtype: str, scale: float = 1.0) -> float | None:
     floor = THRESHOLDS[dtype].get("edge_floor")
     return None if floor is None else floor * scale
@@ -244,11 +314,14 @@ def verify_on(llm, model: str, refs: dict, models_dir: Path, only_scenarios=None
         results = run_scenario(llm, sc, lambda name: load(llm, models_dir / name))
         row = Row(model, sc["name"], dtype, judged, results=results, scale=temperature_scale(sc))
         params = [r["params"] for r in sc["requests"] + ((sc.get("update") or {}).get("late_requests") or [])]
+        floor = edge_floor(dtype, row.scale)
         for ref_name, fx in refs.items():
             ref_sc = next(s for s in fx.scenarios if s["name"] == sc["name"])
+            boundary = None if floor is None else trainer_boundary(trainer, sc, ref_sc["results"])
             row.vs[ref_name] = golden.compare_to_reference(results, ref_sc["results"],
                                                            pairs=row.pairs if ref_name == judged else None,
-                                                           edge_floor=edge_floor(dtype, row.scale), params=params)
+                                                           edge_floor=floor, params=params,
+                                                           suspect=row.max_abs_limit(), boundary=boundary)
         if not sc.get("update"):
             scores = golden.trainer_scores(trainer, sc, results)
             row.vs["trainer_processed"] = golden.compare_to_trainer(results, scores, "processed")
