@@ -42,7 +42,10 @@ def run(tmp_path_factory):
         cmd += ["--scenario", s]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return {"png": out / "verify.png", "data": plot.load_data(out / "verify.json"), "stdout": proc.stdout}
+    log_file = next(line.split("logs: ", 1)[1].split(" (-v")[0] for line in proc.stdout.splitlines()
+                    if line.startswith("vLLM and engine logs: "))
+    return {"png": out / "verify.png", "data": plot.load_data(out / "verify.json"), "stdout": proc.stdout,
+            "log": Path(log_file).read_text(errors="replace")}
 
 
 def _table(stdout: str, prefix: str) -> dict:
@@ -55,8 +58,8 @@ def _table(stdout: str, prefix: str) -> dict:
                 continue
             line = line[len(prefix):]
         parts = line.split()
-        if len(parts) > 7 and parts[0] == MODEL and parts[1] in SCENARIOS:
-            rows[parts[1]] = dict(zip(plot.KINDS, parts[4:7]))
+        if len(parts) > 8 and parts[0] == MODEL and parts[1] in SCENARIOS:
+            rows[parts[1]] = dict(zip(plot.KINDS, parts[5:8]))
     return rows
 
 
@@ -74,7 +77,9 @@ def test_png_is_a_legible_figure(run):
     assert colors is not None and len(colors) > 50  # drawn, not blank
     assert png.stat().st_size > 30_000
     assert "stock V1: 1/3 passed; V1+shim: 3/3 passed" in run["stdout"]
-    assert run["stdout"].rstrip().endswith("3 passed, 0 failed")
+    assert run["stdout"].rstrip().endswith("3 passed, 0 failed, 0 knife-edge positions reported")
+    assert "Initializing" in run["log"] or "INFO" in run["log"]  # vLLM's logs went to the file, not away
+    assert "INFO" not in run["stdout"]
 
 
 @pytest.mark.engine
@@ -95,7 +100,7 @@ def test_plotted_deltas_are_verifys_numbers(run):
     it (this run's table for the shim, the child's relayed table for stock V1)."""
     from vllm_compat.verify import _fmt
 
-    printed = {"shim": _table(run["stdout"], ""), "stock": _table(run["stdout"], "[stock V1, VLLM_COMPAT=off] ")}
+    printed = {"shim": _table(run["stdout"], ""), "stock": _table(run["log"], "[stock V1, VLLM_COMPAT=off] ")}
     for name, side in run["data"]["sides"].items():
         assert set(printed[name]) == set(SCENARIOS), name
         for row in side["rows"]:

