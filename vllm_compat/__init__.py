@@ -27,12 +27,24 @@ class CompatCheckError(RuntimeError):
     """An engine process does not run the fixes the user's process applied."""
 
 
+# Model Runner V2 (vllm/v1/worker/gpu/) samples with its own Triton sampler: the sampler fixes patch
+# the V1 runner's, so where another feature forces V2 they would be reported active but bypassed.
+_RUNNER_V2 = "vllm.v1.worker.gpu."
+_SAMPLER_FIXES = ("logprobs", "prompt_logprobs", "v0_bf16_params")
+
+
 def _compare(expected: list[str], reports: list[dict]) -> list[dict]:
     bad = [r for r in reports if r.get("applied") != expected]
     if bad:
         lines = [f"pid {r.get('pid')}: applied {r.get('applied')}, skipped {r.get('skipped')}" for r in bad]
         raise CompatCheckError(f"vllm-compat: engine processes differ from this process ({expected}):\n  "
                                + "\n  ".join(lines))
+    bypassed = [r for r in reports if str(r.get("model_runner", "")).startswith(_RUNNER_V2)]
+    if bypassed and set(expected) & set(_SAMPLER_FIXES):
+        raise CompatCheckError(
+            f"vllm-compat: pid {bypassed[0].get('pid')} runs Model Runner V2 ({bypassed[0]['model_runner']}), which "
+            f"bypasses {sorted(set(expected) & set(_SAMPLER_FIXES))}; something forced it despite "
+            f"VLLM_USE_V2_MODEL_RUNNER=0 (e.g. watermarking): turn that off")
     return reports
 
 

@@ -28,6 +28,13 @@ from ..registry import Fix, register
 
 def configure(engine_args) -> None:
     if not versions.has_native_head_dtype():
+        if getattr(engine_args, "enable_lora", False):
+            from .logprobs import BypassRefused
+
+            # LogitsProcessorWithLoRA overrides _get_logits, the method this fix patches here.
+            raise BypassRefused("vllm-compat: with LoRA enabled, this vLLM computes the head through "
+                                "LogitsProcessorWithLoRA, which the `lm_head_fp32` fix does not reach before vLLM "
+                                "0.28; disable LoRA or leave the fix out (VLLM_COMPAT=-lm_head_fp32)")
         return
     overrides = engine_args.hf_overrides
     if callable(overrides):

@@ -182,7 +182,18 @@ def patch(patcher) -> None:
     _patch_chunked_prefill(patcher)
 
 
+class BypassRefused(ValueError):
+    """An engine setting would route around a fix while ``check()`` reported it active."""
+
+
 def configure(engine_args) -> None:
+    if getattr(engine_args, "speculative_config", None):
+        # Accepted draft tokens are sampled, and their logprobs computed, by vLLM's rejection
+        # sampler, which this fix does not touch: V0 order, ranks and seeded draws would silently
+        # not apply to them.
+        raise BypassRefused("vllm-compat: speculative decoding bypasses the `logprobs` fix (draft tokens are "
+                            "sampled by vLLM's rejection sampler); turn speculative_config off, or leave the fix "
+                            "out (VLLM_COMPAT=-logprobs)")
     if getattr(engine_args, "logprobs_mode", None) == "raw_logprobs":  # vLLM's default
         engine_args.logprobs_mode = "processed_logprobs"
 

@@ -24,7 +24,9 @@ class CompatWorkerExtension:
         whether it holds a staged weight update (it must not, between updates)."""
         from ... import registry
 
-        return {**registry.status(), "staged_update": "_vllm_compat_staged" in self.__dict__}
+        runner = type(getattr(self, "model_runner", None))
+        return {**registry.status(), "staged_update": "_vllm_compat_staged" in self.__dict__,
+                "model_runner": f"{runner.__module__}.{runner.__qualname__}"}
 
     def vllm_compat_join_broadcast(self, name, host, port, world_size, backend, timeout_s) -> int:
         from ... import transport
