@@ -197,6 +197,8 @@ REFERENCES = {"llama-fp32": ["v0"], "llama-bf16": ["v0", "v0_fp32_head"],
               "qwen2-tied-bf16": ["v0", "v0_fp32_head"], "phi3-fp32": ["v0"]}
 # Models whose fixture holds the wide list instead of the standard matrix.
 WIDE_MODELS = {"phi3-fp32"}
+# ... written to tests/golden/fixtures/<WIDE_DIR>/ (verify's default folder holds the standard matrix).
+WIDE_DIR = "wide"
 
 
 def scenarios_for(model: str) -> list[dict]:
