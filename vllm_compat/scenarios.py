@@ -116,8 +116,11 @@ def scenarios(update_weights: str | None) -> list[dict]:
 # and allowed_token_ids against the tokenizer), so the other models' files do not change.
 
 # Tokens phi3-fp32 ranks first (HF fp32 greedy) at the 2nd-4th completion step of PROMPTS:
-# stopping on them really happens, and min_tokens really has something to suppress.
-STOP_TOKENS = [315, 368, 537, 466, 179, 782, 572, 835, 260, 532, 590, 160]
+# stopping on them really happens, and min_tokens really has something to suppress; plus the
+# tokens V0 draws in min_tokens_stop right at or just after min_tokens (916, 238, 562) and in
+# the 16-request batch (571), so that each of those requests stops once min_tokens allows it
+# (masking a token that was not drawn does not change V0's seeded draw).
+STOP_TOKENS = [315, 368, 537, 466, 179, 782, 572, 835, 260, 532, 590, 160, 916, 238, 562, 571]
 GREEDY_STOPS = [537, 782, 260, 160]  # the 4th greedy token of each prompt
 BIAS = {315: -100.0, 466: -100.0, 572: -100.0, 532: -100.0,  # ban the greedy 2nd tokens
         17: 6.0, 402: 3.0, 640: 4.5, 1001: 2.0, 81: 5.0, 3: -3.0}
