@@ -39,7 +39,14 @@ MODELS = {
     # Second weight sets for the in-flight update scenarios ("what the trainer pushes").
     "llama-fp32-update": ("llama", torch.float32, False, 11, "llama-fp32"),
     "qwen2-tied-bf16-update": ("qwen2", torch.bfloat16, True, 13, "qwen2-tied-bf16"),
+    # Another architecture whose checkpoint already stores fused tensors (qkv_proj,
+    # gate_up_proj), with a word-level tokenizer (V0 needs one for logit_bias /
+    # allowed_token_ids): the wide scenario list (vllm_compat/scenarios.py WIDE).
+    "phi3-fp32": ("phi3", torch.float32, False, 4, None),
 }
+# Models that get a hand-written word-level tokenizer.json (token i is "<unk>", "<s>",
+# "</s>" for i < 3, else "w<i>"; whitespace-split; no merges, so decoding is a join).
+TOKENIZER_MODELS = {"phi3-fp32"}
 
 # Per-tensor init std. Embedding rows have norm ~sqrt(HIDDEN); the head scale sets how
 # peaky the logits are (logit std ~ sqrt(HIDDEN) * HEAD_STD after the final RMSNorm).
@@ -80,6 +87,10 @@ def _config(arch: str, dtype: torch.dtype, tied: bool) -> dict:
     if arch == "llama":
         cfg.update(architectures=["LlamaForCausalLM"], model_type="llama",
                    attention_bias=False, mlp_bias=False)
+    elif arch == "phi3":
+        cfg.update(architectures=["Phi3ForCausalLM"], model_type="phi3", attention_dropout=0.0,
+                   embd_pdrop=0.0, resid_pdrop=0.0, original_max_position_embeddings=MAX_POS,
+                   partial_rotary_factor=1.0, rope_scaling=None, sliding_window=None, pad_token_id=0)
     else:
         cfg.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2",
                    use_sliding_window=False, sliding_window=None, max_window_layers=LAYERS)
@@ -97,6 +108,19 @@ def _weights(arch: str, tied: bool, seed: int) -> dict[str, torch.Tensor]:
     w["model.embed_tokens.weight"] = randn(VOCAB, HIDDEN, std=TIED_EMBED_STD if tied else EMBED_STD)
     for i in range(LAYERS):
         p = f"model.layers.{i}."
+        if arch == "phi3":  # same draws as Llama's, stored fused (q|k|v and gate|up rows)
+            q = randn(HEADS * HEAD_DIM, HIDDEN, std=QK_STD)
+            k = randn(KV_HEADS * HEAD_DIM, HIDDEN, std=QK_STD)
+            v = randn(KV_HEADS * HEAD_DIM, HIDDEN, std=VO_STD)
+            w[p + "self_attn.qkv_proj.weight"] = torch.cat([q, k, v])
+            w[p + "self_attn.o_proj.weight"] = randn(HIDDEN, HEADS * HEAD_DIM, std=VO_STD)
+            gate = randn(INTERMEDIATE, HIDDEN, std=MLP_IN_STD)
+            up = randn(INTERMEDIATE, HIDDEN, std=MLP_IN_STD)
+            w[p + "mlp.gate_up_proj.weight"] = torch.cat([gate, up])
+            w[p + "mlp.down_proj.weight"] = randn(HIDDEN, INTERMEDIATE, std=MLP_OUT_STD)
+            w[p + "input_layernorm.weight"] = 1.0 + randn(HIDDEN, std=0.05)
+            w[p + "post_attention_layernorm.weight"] = 1.0 + randn(HIDDEN, std=0.05)
+            continue
         w[p + "self_attn.q_proj.weight"] = randn(HEADS * HEAD_DIM, HIDDEN, std=QK_STD)
         w[p + "self_attn.k_proj.weight"] = randn(KV_HEADS * HEAD_DIM, HIDDEN, std=QK_STD)
         w[p + "self_attn.v_proj.weight"] = randn(KV_HEADS * HEAD_DIM, HIDDEN, std=VO_STD)
@@ -130,12 +154,35 @@ def build(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return _config(arch, dtype, tied), weights
 
 
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 (config: bos 1, eos 2, pad 0)
+
+
+def tokenizer_files() -> dict[str, dict]:
+    """A word-level tokenizer.json (the `tokenizers` JSON format, written by hand so the file
+    is byte-identical with any version) and its tokenizer_config.json."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), VOCAB)})
+    added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, tok in enumerate(SPECIAL_TOKENS)]
+    tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+                 "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
+                 "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>",
+              "eos_token": "</s>", "pad_token": "<unk>", "model_max_length": MAX_POS,
+              "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False}
+    return {"tokenizer.json": tokenizer, "tokenizer_config.json": config}
+
+
 def write(name: str, out: Path) -> None:
     cfg, weights = build(name)
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+    if name in TOKENIZER_MODELS:
+        for fname, content in tokenizer_files().items():
+            # tokenizer.json keeps the vocab in id order (readable); the config is sorted.
+            (d / fname).write_text(json.dumps(content, indent=1, sort_keys=fname != "tokenizer.json") + "\n")
     print(f"{name}: {sum(v.numel() for v in weights.values())} params -> {d}")
 
 

@@ -32,22 +32,32 @@ def _position(entry: dict | None) -> list | None:
                   for t, lp in entry.items())
 
 
-def extract(output: Any) -> dict:
-    """A vLLM RequestOutput -> fixture dict."""
+def extract(output: Any, finish_reason: bool = False) -> dict:
+    """A vLLM RequestOutput -> fixture dict. ``finish_reason``: also keep each completion's
+    ``finish_reason`` ("length" / "stop") and ``stop_reason`` (the stop token id, or None)
+    -- only for scenarios that ask for it (``record_finish_reason``), so older fixture
+    files, which have no such keys, are regenerated unchanged."""
     plp = output.prompt_logprobs
+
+    def completion(c) -> dict:
+        out = {"index": c.index, "token_ids": list(c.token_ids),
+               "logprobs": None if c.logprobs is None else [_position(e) for e in c.logprobs]}
+        if finish_reason:
+            out["finish_reason"] = c.finish_reason
+            out["stop_reason"] = c.stop_reason
+        return out
+
     return {
         "prompt_logprobs": None if plp is None else [_position(e) for e in plp],
-        "completions": [
-            {"index": c.index, "token_ids": list(c.token_ids),
-             "logprobs": None if c.logprobs is None else [_position(e) for e in c.logprobs]}
-            for c in sorted(output.outputs, key=lambda c: c.index)
-        ],
+        "completions": [completion(c) for c in sorted(output.outputs, key=lambda c: c.index)],
     }
 
 
 def sampling_params(params: dict):
     from vllm import SamplingParams
 
+    if params.get("logit_bias"):  # JSON object keys are strings; SamplingParams wants token ids
+        params = dict(params, logit_bias={int(t): float(b) for t, b in params["logit_bias"].items()})
     return SamplingParams(**params)
 
 
@@ -55,10 +65,11 @@ def run_scenario(llm: Any, scenario: dict, load_update: Callable[[str], None] | 
     """Run one scenario; returns one result per request (late requests after the others)."""
     update = scenario.get("update")
     reqs = scenario["requests"]
+    reasons = bool(scenario.get("record_finish_reason"))
     if update is None:
         outs = llm.generate([{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs],
                             [sampling_params(r["params"]) for r in reqs], use_tqdm=False)
-        return [extract(o) for o in outs]
+        return [extract(o, reasons) for o in outs]
     if load_update is None:
         raise ValueError(f"scenario {scenario['name']} needs a weight-update callback")
     engine = llm.llm_engine
@@ -86,4 +97,4 @@ def run_scenario(llm: Any, scenario: dict, load_update: Callable[[str], None] | 
     late = add("late", update["late_requests"])
     while engine.has_unfinished_requests():
         step()
-    return [extract(finished[rid]) for rid in first + late]
+    return [extract(finished[rid], reasons) for rid in first + late]

@@ -109,12 +109,101 @@ def scenarios(update_weights: str | None) -> list[dict]:
     return copy.deepcopy(out)
 
 
+# --------------------------------------------------------------------------- wide list
+# Every other SamplingParams field that changes the distribution or the stopping, degenerate
+# and below-neutral values, n=3, logprobs=0 and a 16-request mixed batch. Its own list, run
+# only on phi3-fp32 (fused checkpoint tensors, word-level tokenizer: V0 validates logit_bias
+# and allowed_token_ids against the tokenizer), so the other models' files do not change.
+
+# Tokens phi3-fp32 ranks first (HF fp32 greedy) at the 2nd-4th completion step of PROMPTS:
+# stopping on them really happens, and min_tokens really has something to suppress; plus the
+# tokens V0 draws in min_tokens_stop right at or just after min_tokens (916, 238, 562) and in
+# the 16-request batch (571), so that each of those requests stops once min_tokens allows it
+# (masking a token that was not drawn does not change V0's seeded draw).
+STOP_TOKENS = [315, 368, 537, 466, 179, 782, 572, 835, 260, 532, 590, 160, 916, 238, 562, 571]
+GREEDY_STOPS = [537, 782, 260, 160]  # the 4th greedy token of each prompt
+BIAS = {315: -100.0, 466: -100.0, 572: -100.0, 532: -100.0,  # ban the greedy 2nd tokens
+        17: 6.0, 402: 3.0, 640: 4.5, 1001: 2.0, 81: 5.0, 3: -3.0}
+ALLOWED = sorted({*range(40, 72), 103, 814, 843, 365, 315, 466, 572, 532})
+
+
+def _wide_matrix() -> list[tuple[str, str, dict | list[dict]]]:
+    """(name, description, params for every prompt, or one params dict per prompt)."""
+    return [
+        ("greedy", "temperature 0 (the architecture's baseline)", dict(temperature=0.0)),
+        ("logit_bias", "logit_bias: -100 bans, positive boosts (V0: before penalties, model dtype)",
+         dict(temperature=0.8, logit_bias=BIAS)),
+        ("logit_bias_greedy", "greedy after logit_bias", dict(temperature=0.0, logit_bias=BIAS)),
+        ("allowed_token_ids", "allowed_token_ids: 40 tokens, every other one -inf",
+         dict(temperature=1.0, allowed_token_ids=ALLOWED)),
+        ("min_tokens_stop", "stop_token_ids with min_tokens 0/3/6/12 (stop ids masked before)",
+         [dict(temperature=0.7, stop_token_ids=STOP_TOKENS, min_tokens=m, ignore_eos=False)
+          for m in (0, 3, 6, 12)]),
+        ("greedy_stop", "greedy stopping on its 4th token, or held by min_tokens=5",
+         [dict(temperature=0.0, stop_token_ids=GREEDY_STOPS, min_tokens=m) for m in (0, 5, 0, 5)]),
+        ("top_k_1", "top_k=1 at T=0.8: one token left", dict(temperature=0.8, top_k=1)),
+        ("top_p_0.01", "top_p=0.01: only the top token survives", dict(temperature=1.0, top_p=0.01)),
+        ("min_p_0.9", "min_p=0.9: at most near-ties survive", dict(temperature=1.0, min_p=0.9)),
+        ("temp_2.0", "temperature 2", dict(temperature=2.0)),
+        ("temp_1.7_top_p", "temperature 1.7 with top_p", dict(temperature=1.7, top_p=0.95)),
+        ("penalties_below_neutral", "repetition 0.8, presence -0.5, frequency -0.3 (reward repeats)",
+         dict(temperature=0.9, repetition_penalty=0.8, presence_penalty=-0.5, frequency_penalty=-0.3)),
+        ("greedy_repetition_0.7", "greedy with repetition_penalty 0.7", dict(temperature=0.0, repetition_penalty=0.7)),
+        ("n3", "n=3 completions per prompt", dict(temperature=1.0, top_p=0.95, n=3)),
+        ("logprobs_0", "logprobs=0 and prompt_logprobs=0: the chosen/actual token only",
+         dict(temperature=0.9, logprobs=0, prompt_logprobs=0)),
+    ]
+
+
+def _wide_mixed_batch() -> dict:
+    """16 requests, every one with other parameters, in one batch."""
+    params = [
+        dict(temperature=0.0), dict(temperature=0.0, logit_bias=BIAS), dict(temperature=2.0),
+        dict(temperature=0.6, top_k=1), dict(temperature=1.0, top_p=0.01), dict(temperature=1.0, min_p=0.9),
+        dict(temperature=0.8, allowed_token_ids=ALLOWED), dict(temperature=0.9, logit_bias=BIAS, top_p=0.9),
+        dict(temperature=0.7, stop_token_ids=STOP_TOKENS, min_tokens=4, ignore_eos=False),
+        dict(temperature=1.0, repetition_penalty=0.8, presence_penalty=-0.5),
+        dict(temperature=1.2, frequency_penalty=-0.3, top_k=20), dict(temperature=1.0, n=3, top_p=0.95),
+        dict(temperature=0.9, logprobs=0, prompt_logprobs=0), dict(temperature=0.8, logprobs=20, prompt_logprobs=None),
+        dict(temperature=1.5, top_k=16, top_p=0.9, min_p=0.05), dict(temperature=0.0, repetition_penalty=0.7),
+    ]
+    reqs = []
+    for i, p in enumerate(params):
+        reqs += _requests(p, [PROMPTS[i % len(PROMPTS)]], seed0=5000 + i)
+    return {"name": "mixed_batch_16", "description": "16 requests with different parameters in one batch",
+            "requests": reqs, "update": None, "record_finish_reason": True}
+
+
+def wide_scenarios() -> list[dict]:
+    out = []
+    for i, (name, desc, params) in enumerate(_wide_matrix()):
+        per_prompt = params if isinstance(params, list) else [params] * len(PROMPTS)
+        reqs = []
+        for j, (prompt, p) in enumerate(zip(PROMPTS, per_prompt)):
+            reqs += _requests(p, [prompt], seed0=4000 + 10 * i + j)
+        # record_finish_reason: results keep each completion's finish/stop reason (runner.extract).
+        out.append({"name": name, "description": desc, "requests": reqs, "update": None,
+                    "record_finish_reason": True})
+    out.append(_wide_mixed_batch())
+    return copy.deepcopy(out)
+
+
 # Model name -> the weight set its update scenarios load (None: no update scenarios).
 MODELS = {
     "llama-fp32": "llama-fp32-update",
     "llama-bf16": None,
     "qwen2-tied-bf16": "qwen2-tied-bf16-update",
+    "phi3-fp32": None,
 }
 # References per model: stock V0, and V0 with an fp32 lm_head (only differs for bf16 models).
 REFERENCES = {"llama-fp32": ["v0"], "llama-bf16": ["v0", "v0_fp32_head"],
-              "qwen2-tied-bf16": ["v0", "v0_fp32_head"]}
+              "qwen2-tied-bf16": ["v0", "v0_fp32_head"], "phi3-fp32": ["v0"]}
+# Models whose fixture holds the wide list instead of the standard matrix.
+WIDE_MODELS = {"phi3-fp32"}
+# ... written to tests/golden/fixtures/<WIDE_DIR>/ (verify's default folder holds the standard matrix).
+WIDE_DIR = "wide"
+
+
+def scenarios_for(model: str) -> list[dict]:
+    """The scenario list the generator runs for ``model``."""
+    return wide_scenarios() if model in WIDE_MODELS else scenarios(MODELS[model])
