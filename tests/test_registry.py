@@ -1,6 +1,5 @@
 """Activation: selection parsing, apply/revert, idempotency, version and drift refusals."""
 import os
-import re
 
 import pytest
 
@@ -160,8 +159,7 @@ def test_a_failing_fix_undoes_the_whole_apply(failing_fix, monkeypatch):
     assert _patched_attributes() == attributes  # the very objects: lm_head_fp32 re-made, the others gone
     assert _ProbeTarget().method() == "stock"
     assert os.environ[registry.ENV_ACTIVE] == "exported,before"
-    assert e.type is InternalsMoved and e.value.__cause__ is failing_fix
-    assert re.fullmatch(r"fix _fails_probe: (vLLM moved it|RuntimeError: boom)", str(e.value))
+    assert_names_the_fix(e, failing_fix)
     # The restored selection is a normal one: leaving it reverts everything.
     vllm_compat.apply(include=[])
     assert _patched_attributes() == stock
@@ -175,7 +173,17 @@ def test_a_failing_fix_from_nothing_exports_nothing(failing_fix, monkeypatch):
         vllm_compat.apply(include=["logprobs", "prompt_logprobs", "_fails_probe"])
     assert vllm_compat.applied() == [] and _patched_attributes() == stock  # engine hook not installed
     assert registry.ENV_ACTIVE not in os.environ
-    assert e.type is InternalsMoved and str(e.value).startswith("fix _fails_probe: ")
+    assert_names_the_fix(e, failing_fix)
+
+
+def assert_names_the_fix(e, error) -> None:
+    """InternalsMoved is re-raised naming the fix; any other error keeps its type, with a note."""
+    if isinstance(error, InternalsMoved):
+        assert e.type is InternalsMoved and e.value.__cause__ is error
+        assert str(e.value) == "fix _fails_probe: vLLM moved it"
+    else:
+        assert e.value is error
+        assert any("fix _fails_probe" in n for n in getattr(error, "__notes__", []))
 
 
 def test_a_failing_fix_is_skipped_when_not_strict(failing_fix, caplog):

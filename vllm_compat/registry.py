@@ -207,8 +207,13 @@ def _apply_selection(wanted: list[str], version, strict: bool) -> None:
                 if not isinstance(e, Exception):  # KeyboardInterrupt etc.: undo the call, re-raise
                     raise
                 if strict:
-                    detail = str(e) if isinstance(e, InternalsMoved) else f"{type(e).__name__}: {e}"
-                    raise InternalsMoved(f"fix {name}: {detail}") from e
+                    if isinstance(e, InternalsMoved):
+                        raise InternalsMoved(f"fix {name}: {e}") from e
+                    # Any other error keeps its type (a ValueError for a selection that cannot work stays
+                    # one), with the fix's name added to what is printed.
+                    if hasattr(e, "add_note"):
+                        e.add_note(f"(raised while applying vllm-compat fix {name}; nothing of this apply() stays)")
+                    raise
                 _state.skipped[name] = f"failed: {e}"
                 logger.warning("vllm-compat: fix %s not applied: %s", name, e)
                 continue
