@@ -41,7 +41,7 @@ MODELS = {
     "qwen2-tied-bf16-update": ("qwen2", torch.bfloat16, True, 13, "qwen2-tied-bf16"),
     # Another architecture whose checkpoint already stores fused tensors (qkv_proj,
     # gate_up_proj), with a word-level tokenizer (V0 needs one for logit_bias /
-    # allowed_token_ids): the wide scenario list (vllm_compat/scenarios.py WIDE).
+    # allowed_token_ids): the wide scenario list (vllm_compat/golden/scenarios.py WIDE).
     "phi3-fp32": ("phi3", torch.float32, False, 4, None),
 }
 # Models that get a hand-written word-level tokenizer.json (token i is "<unk>", "<s>",

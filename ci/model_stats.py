@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from vllm_compat.processing import apply_top_k_top_p, apply_min_p  # noqa: E402
+from vllm_compat.v0_sampling import apply_top_k_top_p, apply_min_p  # noqa: E402
 
 MODELS = ["llama-fp32", "llama-bf16", "qwen2-tied-bf16"]
 FILTERS = {"top_k=8": dict(top_k=8), "top_p=0.8": dict(top_p=0.8), "min_p=0.1": dict(min_p=0.1)}

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vllm_compat import golden  # noqa: E402
+from vllm_compat.golden import fixtures as golden  # noqa: E402
 
 FILTER_SCENARIOS = ["top_k", "top_p", "min_p", "top_k_top_p", "top_p_min_p", "all_filters"]
 

@@ -6,7 +6,7 @@ import pytest
 import vllm_compat
 from vllm_compat import versions
 from vllm_compat.fixes.logprobs import BypassRefused
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 MODEL = GOLDEN_DIR / "models/llama-fp32"
 NGRAM = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}

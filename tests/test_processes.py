@@ -5,10 +5,11 @@ import os
 import pytest
 
 import vllm_compat
-from vllm_compat import golden, verify
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.golden import fixtures as golden
+from vllm_compat.golden import verify
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 from vllm_compat.registry import ENV_ACTIVE
-from vllm_compat.runner import run_scenario
+from vllm_compat.golden.runner import run_scenario
 
 pytestmark = pytest.mark.engine
 FP32 = GOLDEN_DIR / "fixtures/llama-fp32.v0.json"

@@ -11,8 +11,9 @@ import urllib.request
 
 import pytest
 
-from vllm_compat import golden, verify
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.golden import fixtures as golden
+from vllm_compat.golden import verify
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 pytestmark = pytest.mark.engine
 MODEL = GOLDEN_DIR / "models/llama-fp32"

@@ -4,8 +4,8 @@ compared bit for bit (``torch.equal``: kept values and -inf mask) with V0's own 
 import pytest
 import torch
 
-from vllm_compat import processing
-from vllm_compat.processing import (SamplingSpec, apply_min_p, apply_top_k_top_p,
+from vllm_compat import v0_sampling as processing
+from vllm_compat.v0_sampling import (SamplingSpec, apply_min_p, apply_top_k_top_p,
                                     apply_top_k_top_p_sorted, v0_processed_logprobs)
 
 INF = float("inf")

@@ -6,8 +6,8 @@ Used by test_patches.py in child processes (a patched vllm on PYTHONPATH, or the
 import json
 import sys
 
-from vllm_compat.golden import GOLDEN_DIR
-from vllm_compat.verify import verify
+from vllm_compat.golden.fixtures import GOLDEN_DIR
+from vllm_compat.golden.verify import verify
 
 
 def main() -> None:

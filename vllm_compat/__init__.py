@@ -7,15 +7,10 @@ from __future__ import annotations
 
 import inspect
 
-from . import cli as _cli
-
-if _cli.json_requested():  # before anything imports vllm, which logs to stdout
-    _cli.reserve_stdout_for_json()
-
 from . import fixes as _fixes  # noqa: F401  (registers the fixes)
 from .registry import InternalsMoved, apply, apply_from_env, applied, parse_selection, status  # noqa: F401
 from .versions import UnsupportedVersion  # noqa: F401
-from .transport import TransportSpec, WeightBroadcaster, WorkerTransport  # noqa: F401
+from .fixes.weights.transport import TransportSpec, WeightBroadcaster, WorkerTransport  # noqa: F401
 from .fixes.weights import (BroadcastGroup, EngineFenced, WeightUpdateError, WeightUpdateIncomplete,  # noqa: F401
                             WeightUpdateResult, WeightUpdateTimeout, join_weight_broadcast, last_update,
                             update_weights)

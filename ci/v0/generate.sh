@@ -15,7 +15,7 @@ out="$root/tests/golden/fixtures"
 export VLLM_USE_V1=0 VLLM_CPU_KVCACHE_SPACE=1 PYTHONHASHSEED=0 VLLM_COMPAT=off
 start=$(date +%s)
 pairs=$(cd "$root" && "$venv/bin/python" -c \
-  'from vllm_compat.scenarios import REFERENCES as R; print(" ".join(f"{m}:{r}" for m in R for r in R[m]))' \
+  'from vllm_compat.golden.scenarios import REFERENCES as R; print(" ".join(f"{m}:{r}" for m in R for r in R[m]))' \
   | tail -n 1)  # the last line: importing vllm_compat imports vllm, whose logger writes to stdout
 for pair in $pairs; do
   # One process per file: the fp32-head patch must not leak into the stock run.

@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from vllm_compat import golden, scenarios  # noqa: E402
-from vllm_compat.runner import run_scenario  # noqa: E402
-from vllm_compat.trainer_reference import TrainerReference  # noqa: E402
+from vllm_compat.golden import fixtures as golden, scenarios  # noqa: E402
+from vllm_compat.golden.runner import run_scenario  # noqa: E402
+from vllm_compat.golden.trainer_reference import TrainerReference  # noqa: E402
 
 MODELS_DIR = ROOT / "tests/golden/models"
 ENGINE_ARGS = dict(device="cpu", skip_tokenizer_init=True, seed=0, max_model_len=512,

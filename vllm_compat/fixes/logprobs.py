@@ -7,7 +7,7 @@ top-k/top-p (V0: after; the two do not commute with top-p), may use Triton/Flash
 top-k/top-p kernels, and counts ranks with ``>=`` (V0: 1 + #strictly greater).
 How: ``Sampler.sample`` is replaced by V0's order -- penalties (already applied by
 ``Sampler.forward``) -> temperature -> sort-based top-k/top-p
-(:func:`vllm_compat.processing.apply_top_k_top_p`) -> argmax-invariant processors
+(:func:`vllm_compat.v0_sampling.apply_top_k_top_p`) -> argmax-invariant processors
 (min-p) -> log_softmax; the draw itself still goes through vLLM's sampler with no further
 filtering, except seeded rows on CPU, which get V0's exponential race bit for bit
 (:mod:`vllm_compat.v0_draw`), so seeded V1 tokens equal V0's. Under chunked prefill a seeded
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import v0_draw
-from ..processing import apply_top_k_top_p
+from ..v0_sampling import apply_top_k_top_p
 from ..registry import Fix, InternalsMoved, register
 
 _SAMPLING_EPS = 1e-5
@@ -53,8 +53,9 @@ def _count_greater_compiled():
 _compile_failed = False
 
 
-def v0_rank(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """V0's rank: 1 + number of entries strictly greater (values: [rows, 1])."""
+def v0_ranks(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """V0's ranks of one value per row (values: [rows, 1]): 1 + the number of entries strictly
+    greater. Replaces V1's batched_count_greater_than (>=); the one-row form is v0_sampling.v0_rank."""
     global _compile_failed
     if not _compile_failed:
         try:
@@ -178,7 +179,7 @@ def patch(patcher) -> None:
 
     patcher.replace(sampler_module.Sampler, "sample", v0_sample,
                     expect_params=["self", "logits", "sampling_metadata"])
-    patcher.replace(sampler_module, "batched_count_greater_than", v0_rank)
+    patcher.replace(sampler_module, "batched_count_greater_than", v0_ranks)
     _patch_chunked_prefill(patcher)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..processing import SamplingSpec, v0_processed_logprobs
+from ..v0_sampling import SamplingSpec, v0_processed_logprobs
 from ..registry import Fix, register
 
 _PARAMS = ("temperature", "top_k", "top_p", "min_p")

@@ -38,7 +38,7 @@ from typing import Iterable, Union
 
 import torch
 
-from ... import transport as tp
+from . import transport as tp
 from ... import versions
 
 logger = logging.getLogger("vllm_compat")

@@ -29,7 +29,7 @@ class CompatWorkerExtension:
                 "model_runner": f"{runner.__module__}.{runner.__qualname__}"}
 
     def vllm_compat_join_broadcast(self, name, host, port, world_size, backend, timeout_s) -> int:
-        from ... import transport
+        from . import transport
 
         return transport.join_group_on_worker(self, name, host, port, world_size, backend, timeout_s)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ... import transport as tp
+from . import transport as tp
 from ... import versions
 
 # Quant methods whose post-processing leaves parameters in checkpoint format (on CPU the GEMM

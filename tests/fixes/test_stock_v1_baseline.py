@@ -4,8 +4,8 @@ passes where raw == processed (greedy, T=1 without filters). This is the baselin
 must flip; the passing half shows the comparison is not failing for an unrelated reason."""
 import pytest
 
-from vllm_compat import verify
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.golden import verify
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 pytestmark = pytest.mark.engine
 
@@ -56,7 +56,7 @@ def test_stock_v1_fails_v0_bf16(rows, scenario):
 def test_stale_prefix_cache_kv_is_visible(rows):
     """After the in-flight update, the re-sent long prompt hits V1's prefix cache (KV from
     the old weights); V0 recomputed it. The late requests are the ones that differ."""
-    from vllm_compat.golden import compare_to_reference, load_fixture
+    from vllm_compat.golden.fixtures import compare_to_reference, load_fixture
 
     row = rows[("llama-fp32", "weight_update_greedy")]
     sc = next(s for s in load_fixture(GOLDEN_DIR / "fixtures/llama-fp32.v0.json").scenarios

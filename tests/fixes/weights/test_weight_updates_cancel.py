@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 import vllm_compat
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 pytestmark = pytest.mark.engine
 MODELS = GOLDEN_DIR / "models"
@@ -95,7 +95,7 @@ def run(multiprocessing: bool):
 SLOW_TRANSPORT = '''
 import time
 from safetensors.torch import load_file
-from vllm_compat.transport import Received, WorkerTransport
+from vllm_compat.fixes.weights.transport import Received, WorkerTransport
 
 
 class Slow(WorkerTransport):

@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 
-from vllm_compat import golden
-from vllm_compat.golden import GOLDEN_DIR, GoldenFixtureError, load_all, load_fixture
-from vllm_compat.verify import THRESHOLDS
+from vllm_compat.golden import fixtures as golden
+from vllm_compat.golden.fixtures import GOLDEN_DIR, GoldenFixtureError, load_all, load_fixture
+from vllm_compat.golden.verify import THRESHOLDS
 
 FIXTURES = GOLDEN_DIR / "fixtures"
 MODELS = GOLDEN_DIR / "models"
@@ -100,7 +100,7 @@ def test_raw_logprobs_do_not_match_v0_meaning():
 def test_trainer_reference_recomputed_here_matches_stored(tmp_path):
     """The trainer reference recomputed with the installed transformers/torch agrees with
     the one stored by the generator (transformers 4.51, torch 2.6) on fp32."""
-    from vllm_compat.trainer_reference import TrainerReference
+    from vllm_compat.golden.trainer_reference import TrainerReference
 
     fx = load_fixture(FP32)
     trainer = TrainerReference(MODELS / "llama-fp32")

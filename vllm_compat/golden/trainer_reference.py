@@ -4,7 +4,7 @@ HF transformers forward pass in the model's dtype with the final projection in f
 RL trainers do), then per position
   * ``scaled``: log_softmax(logits / T) over the full vocabulary (the usual trainer loss);
   * ``processed``: V0's processed distribution (penalties, temperature, top-k/top-p, min-p)
-    recomputed in fp32 by :mod:`vllm_compat.processing` -- V0's meaning, computed by the
+    recomputed in fp32 by :mod:`vllm_compat.v0_sampling` -- V0's meaning, computed by the
     trainer.
 Prompt positions use neutral penalties, as V0's prompt logprobs do.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .processing import SamplingSpec, v0_processed_logprobs
+from ..v0_sampling import SamplingSpec, v0_processed_logprobs
 
 
 class TrainerReference:

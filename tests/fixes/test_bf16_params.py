@@ -4,7 +4,7 @@ the effective temperature T_eff = Δlogit / Δlogprob between two tokens at the 
 import pytest
 
 import vllm_compat
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 pytestmark = pytest.mark.engine
 PROMPT = [17, 402, 88, 911, 5, 640, 12]

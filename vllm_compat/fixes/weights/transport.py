@@ -72,7 +72,7 @@ def worker_transport(worker, name: str, params: dict) -> WorkerTransport:
         module, _, attr = name.partition(":")
         cls = getattr(importlib.import_module(module), attr)
         if not (isinstance(cls, type) and issubclass(cls, WorkerTransport)):
-            raise TypeError(f"{name} is not a vllm_compat.transport.WorkerTransport subclass")
+            raise TypeError(f"{name} is not a vllm_compat.fixes.weights.transport.WorkerTransport subclass")
     else:
         raise ValueError(f"unknown weight transport {name!r} (built in: {sorted(BUILT_IN)}; or 'module:Class')")
     return cls(worker, **params)
@@ -366,7 +366,7 @@ def join_group_on_worker(worker, name: str, host: str, port: int, world_size: in
             f"weight broadcast group {name!r}: this worker's rank {rank} does not fit world size {world_size} "
             f"(data_parallel_size={parallel_config.data_parallel_size}, "
             f"world_size per replica={parallel_config.world_size}); the client must size the group with "
-            "vllm_compat.transport.broadcast_world_size")
+            "vllm_compat.fixes.weights.transport.broadcast_world_size")
     groups = worker.__dict__.setdefault("_vllm_compat_groups", {})
     old = groups.pop(name, None)
     if old is not None:

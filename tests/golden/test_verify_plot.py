@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vllm_compat import plot
-from vllm_compat.runner import encode_lp
+from vllm_compat.golden import plot
+from vllm_compat.golden.runner import encode_lp
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "llama-fp32"
 # greedy: stock V1 passes (raw == processed); temp_0.6: stock fails by nats; top_p_min_p: stock
 # keeps tokens V0 masked (-inf on one side).
@@ -36,7 +36,7 @@ def run(tmp_path_factory):
     env["VLLM_COMPAT"] = "all"  # this run: the shim; its child: VLLM_COMPAT=off
     env.pop("VLLM_COMPAT_ACTIVE", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    cmd = [sys.executable, "-m", "vllm_compat.cli", "verify", "--model", MODEL,
+    cmd = [sys.executable, "-m", "vllm_compat.tools.cli", "verify", "--model", MODEL,
            "--plot", str(out / "verify.png"), "--plot-data", str(out / "verify.json")]
     for s in SCENARIOS:
         cmd += ["--scenario", s]
@@ -98,7 +98,7 @@ def test_both_sides_ran_this_checkout_with_their_selection(run):
 def test_plotted_deltas_are_verifys_numbers(run):
     """Each panel's max |Δ| per kind is the row's maximum (exactly) and what verify printed for
     it (this run's table for the shim, the child's relayed table for stock V1)."""
-    from vllm_compat.verify import _fmt
+    from vllm_compat.golden.verify import _fmt
 
     printed = {"shim": _table(run["stdout"], ""), "stock": _table(run["log"], "[stock V1, VLLM_COMPAT=off] ")}
     for name, side in run["data"]["sides"].items():
@@ -166,7 +166,7 @@ def test_render_edge_cases(tmp_path):
 
 
 def test_missing_matplotlib_is_a_clear_error(monkeypatch, tmp_path, capsys):
-    from vllm_compat import cli
+    from vllm_compat.tools import cli
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
     with pytest.raises(plot.PlotUnavailable, match=r"pip install 'vllm-compat\[plot\]'"):
@@ -178,7 +178,7 @@ def test_missing_matplotlib_is_a_clear_error(monkeypatch, tmp_path, capsys):
 
 
 def test_no_matching_scenario_starts_no_child(tmp_path, capsys, monkeypatch):
-    from vllm_compat import cli
+    from vllm_compat.tools import cli
 
     def no_child(*a, **k):
         raise AssertionError("child process started")

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import vllm_compat
-from vllm_compat import transport
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.fixes.weights import transport
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 MODELS = GOLDEN_DIR / "models"
 BASE = MODELS / "llama-fp32/model.safetensors"
@@ -167,7 +167,8 @@ import os, signal, sys, time
 from datetime import timedelta
 import torch
 from safetensors.torch import load_file
-from vllm_compat import WeightBroadcaster, transport
+from vllm_compat import WeightBroadcaster
+from vllm_compat.fixes.weights import transport
 
 host, port, mode, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 weights = load_file(sys.argv[5]) if len(sys.argv) > 5 else None

@@ -8,8 +8,9 @@ import pytest
 from safetensors.torch import load_file
 
 import vllm_compat
-from vllm_compat import golden, verify
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.golden import fixtures as golden
+from vllm_compat.golden import verify
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 pytestmark = pytest.mark.engine
 MODELS = GOLDEN_DIR / "models"

@@ -17,7 +17,7 @@ from .runner import decode_lp
 
 SCHEMA = "vllm-compat-golden/1"
 REFERENCES = ("v0", "v0_fp32_head")
-PACKAGE_ROOT = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the vllm_compat package
 GOLDEN_DIR = PACKAGE_ROOT.parent / "tests" / "golden"
 
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vllm_compat
-from vllm_compat import verify
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.golden import verify
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 pytestmark = pytest.mark.engine
 MODELS = GOLDEN_DIR / "models"

@@ -5,8 +5,9 @@ matches V0 (the old gates passed it: the comparison stopped at the first divergi
 import pytest
 
 import vllm_compat
-from vllm_compat import v0_draw, verify
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat import v0_draw
+from vllm_compat.golden import verify
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 pytestmark = pytest.mark.engine
 FIXTURES, MODELS = GOLDEN_DIR / "fixtures", GOLDEN_DIR / "models"

@@ -5,8 +5,9 @@ import math
 import pytest
 
 import vllm_compat
-from vllm_compat import golden, verify
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.golden import fixtures as golden
+from vllm_compat.golden import verify
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 pytestmark = pytest.mark.engine
 FIXTURES, MODELS = GOLDEN_DIR / "fixtures", GOLDEN_DIR / "models"

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import golden
+from . import fixtures as golden
 from .runner import run_scenario
 
 # Pass/fail limits per model dtype; None = reported but not gated. Each number sits above a
@@ -90,7 +90,7 @@ def _dtype(model_dir: Path) -> str:
 def fp32_head_active(llm=None) -> bool:
     """Whether the engine computes the lm_head in fp32 (the lm_head_fp32 fix, or the patch
     series' ``lm_head_dtype="float32"``), so that the fp32-head V0 reference is the one to meet."""
-    from . import registry
+    from .. import registry
 
     if "lm_head_fp32" in registry.applied():
         return True
@@ -116,7 +116,7 @@ def make_engine(model_dir: Path, dtype: str, engine_args: dict, **overrides):
 def load_update(llm, weights_dir: Path) -> None:
     """With the shim: vllm_compat.update_weights (validated, V0 style); stock: vLLM's own
     in-place reload."""
-    from . import registry, update_weights
+    from .. import registry, update_weights
 
     if registry.applied():
         update_weights(llm, weights_dir / "model.safetensors")
@@ -130,7 +130,7 @@ def native_load_update(llm, weights_dir: Path) -> None:
     loaded layer's post-processing. No derived-state refresh."""
     from safetensors.torch import load_file
 
-    from . import versions
+    from .. import versions
 
     weights = load_file(str(weights_dir / "model.safetensors"))
 
@@ -139,7 +139,7 @@ def native_load_update(llm, weights_dir: Path) -> None:
         if versions.has_iterator_reload(runner):
             runner.reload_weights(weights_iterator=iter(weights.items()))
             return
-        from .fixes.weights.worker import reprocess
+        from ..fixes.weights.worker import reprocess
 
         model = runner.get_model()
         loaded = model.load_weights(weights.items())
@@ -204,7 +204,7 @@ def boundary_margin(logits, params: dict, prompt: list[int] | None = None, outpu
     probability by at most ~ε, so the same floor applies)."""
     import torch
 
-    from .processing import SamplingSpec, apply_penalties, bin_counts
+    from ..v0_sampling import SamplingSpec, apply_penalties, bin_counts
 
     spec = SamplingSpec.from_params(params)
     x = logits.float()[None]
@@ -415,7 +415,7 @@ def header_lines(vllm_version: str, applied: list[str], engine_args: dict, pairs
 
 
 def main(args) -> int:
-    from . import cli
+    from ..tools import cli
 
     err = lambda s: print(s, file=cli.console())  # noqa: E731
     plot_png, plot_data = getattr(args, "plot", None), getattr(args, "plot_data", None)
@@ -487,6 +487,6 @@ def main(args) -> int:
 
 
 def _applied() -> list[str]:
-    from . import registry
+    from .. import registry
 
     return registry.applied()

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vllm_compat
-from vllm_compat import verify
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.golden import verify
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 pytestmark = pytest.mark.engine
 MODELS = GOLDEN_DIR / "models"
@@ -48,7 +48,8 @@ import os, signal, sys
 from datetime import timedelta
 from safetensors.torch import load_file
 import vllm.distributed.utils  # noqa: F401  (imported before READY: the engine joins with a short timeout)
-from vllm_compat import WeightBroadcaster, transport
+from vllm_compat import WeightBroadcaster
+from vllm_compat.fixes.weights import transport
 
 print("READY", flush=True)
 sys.stdin.readline()  # "go": the engine joins right after, well within the trainer's timeout

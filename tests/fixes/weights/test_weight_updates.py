@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vllm_compat
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 pytestmark = pytest.mark.engine
 MODELS = GOLDEN_DIR / "models"
@@ -135,7 +135,7 @@ def test_transport_of_your_own(llm, tmp_path, monkeypatch):
     """A user transport: a WorkerTransport subclass named "module:Class" in a TransportSpec."""
     (tmp_path / "my_transport.py").write_text(
         "from safetensors.torch import load_file\n"
-        "from vllm_compat.transport import Received, WorkerTransport\n"
+        "from vllm_compat.fixes.weights.transport import Received, WorkerTransport\n"
         "class Scaled(WorkerTransport):\n"
         "    def receive(self):\n"
         "        t = {n: v * self.params['scale'] for n, v in load_file(self.params['path']).items()}\n"

@@ -4,9 +4,11 @@ state, which would break that file's module-scoped engine."""
 import pytest
 
 import vllm_compat
-from vllm_compat import golden, verify, versions
+from vllm_compat import versions
+from vllm_compat.golden import fixtures as golden
+from vllm_compat.golden import verify
 from vllm_compat.fixes.weights import worker as weights_worker
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 pytestmark = pytest.mark.engine
 MODELS = GOLDEN_DIR / "models"

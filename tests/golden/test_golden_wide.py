@@ -12,8 +12,9 @@ import json
 
 import pytest
 
-from vllm_compat import golden, scenarios
-from vllm_compat.golden import GOLDEN_DIR, load_all, load_fixture
+from vllm_compat.golden import fixtures as golden
+from vllm_compat.golden import scenarios
+from vllm_compat.golden.fixtures import GOLDEN_DIR, load_all, load_fixture
 
 WIDE = GOLDEN_DIR / "fixtures" / scenarios.WIDE_DIR
 MODELS = GOLDEN_DIR / "models"
@@ -149,7 +150,7 @@ def test_the_standard_fixture_folder_is_unchanged_by_the_wide_list():
 @pytest.mark.engine
 def test_wide_rows_keep_passing_with_the_shim():
     import vllm_compat
-    from vllm_compat import verify
+    from vllm_compat.golden import verify
 
     before = vllm_compat.applied()
     vllm_compat.apply()

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from vllm_compat import patches
+from vllm_compat.tools import patches
 from vllm_compat.registry import FIXES
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/
 PINNED = ("0.15.1", "0.18.1", "0.24.0", "0.32.0", "0.33.0")  # the CI matrix (ci/matrix.md)
 
 

@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .golden import GOLDEN_DIR
+from ..golden.fixtures import GOLDEN_DIR
 
 
 def plugin_registered() -> bool:
@@ -21,11 +21,9 @@ def reserve_stdout_for_json() -> None:
     """``--json`` owns stdout, but vLLM logs there (VLLM_LOGGING_STREAM defaults to stdout, from
     ``import vllm`` on) and gloo prints there from C++. Point file descriptor 1, which this
     process's old ``sys.stdout`` and the engine processes write to, at stderr, and keep the
-    real stdout as ``sys.stdout`` for the JSON. Called by ``vllm_compat/__init__`` before vllm
-    is imported when the command line asks for JSON; idempotent."""
-    # One state per process: under ``python -m vllm_compat.cli`` this file runs twice (as the
-    # package's module and as __main__), and a second dup would take stderr for stdout.
-    state = sys.modules.get("vllm_compat.cli") or sys.modules[__name__]
+    real stdout as ``sys.stdout`` for the JSON. Called by ``main`` before any engine starts
+    (vLLM's handlers write through the old ``sys.stdout``, so they follow descriptor 1); idempotent."""
+    state = _state()  # a second dup would take stderr for stdout
     if getattr(state, "_json_stdout_reserved", False):
         return
     state._json_stdout_reserved = True
@@ -39,52 +37,24 @@ def reserve_stdout_for_json() -> None:
 _json_stdout_reserved = False
 
 
-def _own_args() -> list[str] | None:
-    """This process's vllm-compat arguments when it is the vllm-compat command (the console
-    script or ``python -m vllm_compat.cli``), else None; usable before argparse runs."""
-    if sys.argv and sys.argv[0] == "-m":  # python -m, while the package is being imported
-        orig = list(getattr(sys, "orig_argv", []))
-        at = orig.index("-m") if "-m" in orig else -1
-        if at < 0 or orig[at + 1:at + 2] != ["vllm_compat.cli"]:
-            return None
-        return orig[at + 2:]
-    if sys.argv and os.path.basename(sys.argv[0]) in ("vllm-compat", "cli.py"):
-        return sys.argv[1:]
-    return None
-
-
-def json_requested() -> bool:
-    """This process is the vllm-compat command and its command line asks for --json; checked
-    before argparse runs."""
-    args = _own_args()
-    return args is not None and "--json" in args
-
-
 QUIET_COMMANDS = ("verify", "bench", "status")
 
 
-def quiet_requested() -> str | None:
-    """The command whose engine logs go to a file (send_logs_to_file): verify, bench or status
-    run as the vllm-compat command without -v/--verbose (or -h/--help); else None."""
-    args = _own_args()
-    if not args or args[0] not in QUIET_COMMANDS or {"-v", "--verbose", "-h", "--help"} & set(args):
-        return None
-    return args[0]
-
-
 def _state():
-    # One state per process: under ``python -m vllm_compat.cli`` this file runs twice (as the
+    # One state per process: under ``python -m vllm_compat.tools.cli`` this file runs twice (as the
     # package's module and as __main__).
-    return sys.modules.get("vllm_compat.cli") or sys.modules[__name__]
+    import importlib
+
+    return importlib.import_module("vllm_compat.tools.cli")
 
 
 def send_logs_to_file(command: str, directory: str | None = None) -> Path:
     """Send everything this process and its engine processes write to file descriptors 1 and 2
     (vLLM's logging, warnings, C++ prints) to a log file; keep the real stdout as ``sys.stdout``
     (the report) and the real stderr as ``console()`` (header, progress, errors). vLLM's logging
-    stream is pointed at ``sys.stderr`` (which stays on descriptor 2, the file). Called when
-    this module is imported (first thing ``import vllm_compat`` does, before vllm is imported)
-    if quiet_requested(), after reserve_stdout_for_json; idempotent; returns the file's path."""
+    stream is pointed at ``sys.stderr`` (which stays on descriptor 2, the file). Called by
+    ``main`` for verify, bench and status without -v, after reserve_stdout_for_json; idempotent;
+    returns the file's path."""
     state = _state()
     if state._log_path is not None:
         return state._log_path
@@ -211,7 +181,7 @@ def main(argv=None) -> int:
                         "pip install 'vllm-compat[plot]')")
     v.add_argument("--plot-data", metavar="FILE.json",
                    help="write the plotted numbers (per scenario and side: V1 and reference logprobs) as JSON")
-    b = sub.add_parser("bench", help="side-by-side measurements printed as ratios (see vllm_compat/bench.py)")
+    b = sub.add_parser("bench", help="side-by-side measurements printed as ratios (see vllm_compat/tools/bench.py)")
     b.add_argument("--section", action="append", choices=["throughput", "weight_update"], help="only this section (repeatable)")
     b.add_argument("--repeats", type=int, default=3, help="runs (weight_update) / alternating rounds (throughput)")
     b.add_argument("--hidden", type=int, default=512)
@@ -222,7 +192,7 @@ def main(argv=None) -> int:
                                         "(default: $VLLM_COMPAT_V0_PYTHON)")
     b.add_argument("--json", action="store_true")
     b.add_argument("-v", "--verbose", action="store_true", help="show vLLM's logs (default: into a log file)")
-    p = sub.add_parser("patches", help="the upstream-style patch series in patches/ (see vllm_compat/patches.py)")
+    p = sub.add_parser("patches", help="the upstream-style patch series in patches/ (see vllm_compat/tools/patches.py)")
     psub = p.add_subparsers(dest="patches_cmd", required=True)
     pl = psub.add_parser("list", help="each version's series: patch, subject, upstream status")
     pc = psub.add_parser("check", help="apply each series to its version's PyPI sdist (downloaded once)")
@@ -237,12 +207,16 @@ def main(argv=None) -> int:
         args = ap.parse_args(argv)
     finally:
         sys.stderr = err
-    if getattr(args, "json", False) and argv is None:  # the process's own command line, not a caller's list
-        reserve_stdout_for_json()
+    if argv is None:  # the process's own command line (not a caller's list): it owns stdout and stderr
+        # Before any engine starts: vLLM (imported with vllm_compat) logs to file descriptor 1.
+        if getattr(args, "json", False):
+            reserve_stdout_for_json()
+        if args.cmd in QUIET_COMMANDS and not args.verbose:
+            send_logs_to_file(args.cmd)
     if args.cmd == "status":
         return print_status(args.json)
     if args.cmd == "verify":
-        from .verify import main as verify_main
+        from ..golden.verify import main as verify_main
 
         return verify_main(args)
     if args.cmd == "patches":
@@ -259,13 +233,6 @@ def main(argv=None) -> int:
 
         return bench_main(args)
     return 2
-
-
-# At import, before vllm is: ``vllm_compat/__init__`` imports this module first of all.
-if json_requested():
-    reserve_stdout_for_json()
-if quiet_requested():
-    send_logs_to_file(quiet_requested())
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ prompt was in. With the shim the seeded draw must follow V0's stream exactly."""
 import pytest
 
 import vllm_compat
-from vllm_compat import verify
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.golden import verify
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 pytestmark = pytest.mark.engine
 FIXTURES, MODELS = GOLDEN_DIR / "fixtures", GOLDEN_DIR / "models"

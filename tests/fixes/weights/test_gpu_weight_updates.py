@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import vllm_compat
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 pytestmark = [pytest.mark.engine, pytest.mark.gpu]
 MODELS = GOLDEN_DIR / "models"

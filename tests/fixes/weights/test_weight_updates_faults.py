@@ -9,8 +9,8 @@ import os
 import pytest
 
 import vllm_compat
-from vllm_compat import verify
-from vllm_compat.golden import GOLDEN_DIR
+from vllm_compat.golden import verify
+from vllm_compat.golden.fixtures import GOLDEN_DIR
 
 pytestmark = pytest.mark.engine
 MODELS = GOLDEN_DIR / "models"
@@ -21,7 +21,7 @@ PROMPT = {"prompt_token_ids": [17, 402, 88, 911, 5]}
 FAULTY_TRANSPORT = '''
 import torch
 from safetensors.torch import load_file
-from vllm_compat.transport import Received, WorkerTransport
+from vllm_compat.fixes.weights.transport import Received, WorkerTransport
 
 
 class Poisoned(torch.Tensor):

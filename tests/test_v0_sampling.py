@@ -1,10 +1,10 @@
-"""Pure helpers: V0's processing order, reimplemented in vllm_compat.processing."""
+"""Pure helpers: V0's processing order, reimplemented in vllm_compat.v0_sampling."""
 import math
 
 import pytest
 import torch
 
-from vllm_compat.processing import (SamplingSpec, apply_min_p, apply_penalties, apply_top_k_top_p,
+from vllm_compat.v0_sampling import (SamplingSpec, apply_min_p, apply_penalties, apply_top_k_top_p,
                                     apply_top_k_top_p_sorted, bin_counts, v0_processed_logprobs, v0_rank)
 
 INF = float("inf")
@@ -138,11 +138,11 @@ def test_division_by_temperature_can_create_ties_at_the_kth_value():
 
 
 def test_compiled_rank_count_equals_the_eager_count():
-    from vllm_compat.fixes.logprobs import _count_greater_eager, v0_rank
+    from vllm_compat.fixes.logprobs import _count_greater_eager, v0_ranks
 
     g = torch.Generator().manual_seed(3)
     for rows in (1, 2, 37):
         x = torch.randn(rows, 3000, generator=g)
         x[:, ::7] = -INF  # processed rows: -inf outside the kept set
         values = torch.cat([x[:, :1], x[:, 7:8], torch.full((rows, 1), -INF)])[torch.randperm(3 * rows)[:rows]]
-        assert torch.equal(v0_rank(x, values), _count_greater_eager(x, values) + 1)
+        assert torch.equal(v0_ranks(x, values), _count_greater_eager(x, values) + 1)

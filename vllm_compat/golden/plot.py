@@ -1,7 +1,7 @@
 """``vllm-compat verify --plot FILE.png``: stock V1 and V1+shim side by side, per scenario.
 
 One side is the process's own run (whatever VLLM_COMPAT selects, the shim by default); the
-other side runs in a child process (``python -m vllm_compat.cli verify --plot-data``) with
+other side runs in a child process (``python -m vllm_compat.tools.cli verify --plot-data``) with
 the opposite selection: ``VLLM_COMPAT=off`` when this process runs the shim, ``all`` when it
 runs stock V1. A child because fixes are class-level patches: one process cannot hold both
 selections, and flipping them in process would also keep every engine's memory. The child
@@ -171,7 +171,7 @@ def run_other_side(args, this_side: str, log=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="vllm-compat-plot-") as tmp:
         out = Path(tmp) / "side.json"
         cmd = [sys.executable, "-c",
-               "import sys; sys.path.insert(0, sys.argv.pop(1)); from vllm_compat.cli import main; "
+               "import sys; sys.path.insert(0, sys.argv.pop(1)); from vllm_compat.tools.cli import main; "
                "sys.exit(main(sys.argv[1:]))",
                root, "verify", "--fixtures", str(args.fixtures), "--models", str(args.models), "--plot-data", str(out)]
         for m in args.model or []:

@@ -1,7 +1,7 @@
-"""Pure helpers: comparison metrics of vllm_compat.golden."""
+"""Pure helpers: comparison metrics of vllm_compat.golden.fixtures."""
 import math
 
-from vllm_compat import golden
+from vllm_compat.golden import fixtures as golden
 
 
 def res(tokens, positions, prompt=None):
@@ -55,7 +55,7 @@ def test_compare_to_trainer():
 # ------------------------------------------------------------------ verify's gates (no engine)
 
 def _row(dtype="float32", **metrics):
-    from vllm_compat import verify
+    from vllm_compat.golden import verify
 
     ok = {"sampled_max_abs": 1e-6, "topk_max_abs": 1e-6, "prompt_max_abs": 1e-6, "mask_agreement": 1.0,
           "rank_agreement": 1.0, "token_agreement": 1.0, "compared_positions": 32, "expected_positions": 32,
@@ -115,7 +115,7 @@ def test_first_token_divergence_compares_one_position():
     mine = res([9, 2, 3], [[[1, -0.1, 1], [9, -2.0, 2]], [[2, -0.2, 1]], [[3, -0.3, 1]]])
     m = golden.compare_to_reference([mine], [ref])
     assert (m["compared_positions"], m["expected_positions"], m["token_agreement"]) == (1, 3, 0.0)
-    from vllm_compat import verify
+    from vllm_compat.golden import verify
 
     row = verify.Row("m", "s", "float32", "v0", vs={"v0": m})
     verify.judge(row, verify.THRESHOLDS["float32"])
@@ -134,7 +134,7 @@ def _edge_position(gap, lse_shift=0.0):
 
 
 def test_knife_edge_is_recognised_and_excluded():
-    from vllm_compat import verify
+    from vllm_compat.golden import verify
 
     floor = verify.edge_floor("float32")
     v1, v0 = _edge_position(2e-6, lse_shift=0.3)  # ~2 fp32 ulps apart; every logprob shifts by 0.3
@@ -154,7 +154,7 @@ def test_knife_edge_is_recognised_and_excluded():
 
 
 def test_a_real_mask_mismatch_is_not_excused():
-    from vllm_compat import verify
+    from vllm_compat.golden import verify
 
     floor = verify.edge_floor("float32")
     v1, v0 = _edge_position(0.5, lse_shift=0.3)  # token 3 half a nat below the boundary: not noise
@@ -167,7 +167,7 @@ def test_a_real_mask_mismatch_is_not_excused():
 
 
 def test_knife_edge_on_a_prompt_position_and_at_the_min_p_cut():
-    from vllm_compat import verify
+    from vllm_compat.golden import verify
 
     floor = verify.edge_floor("float32")
     v1, v0 = _edge_position(2e-6)
@@ -186,7 +186,7 @@ def test_knife_edge_on_a_prompt_position_and_at_the_min_p_cut():
 
 
 def test_edge_floor_follows_the_temperature_and_is_off_for_bf16():
-    from vllm_compat import verify
+    from vllm_compat.golden import verify
 
     assert verify.edge_floor("bfloat16") is None
     assert math.isclose(verify.edge_floor("float32", 1 / 0.6), verify.THRESHOLDS["float32"]["edge_floor"] / 0.6)
@@ -197,7 +197,8 @@ def test_edge_floor_follows_the_temperature_and_is_off_for_bf16():
 def test_progress_bar_and_header():
     import io
 
-    from vllm_compat import cli, verify
+    from vllm_compat.tools import cli
+    from vllm_compat.golden import verify
 
     out = io.StringIO()
     bar = cli.Progress(4, stream=out, width=8, tty=False)
@@ -219,7 +220,7 @@ def test_progress_bar_and_header():
 def test_boundary_margin_from_full_logits():
     import torch
 
-    from vllm_compat import verify
+    from vllm_compat.golden import verify
 
     x = torch.tensor([5.0, 4.0, 3.0, 3.0 - 2e-6, 1.0, 0.0])  # 3rd and 4th 2e-6 apart
     assert verify.boundary_margin(x, {"temperature": 1.0, "top_k": 3}) < 1e-5
@@ -238,7 +239,7 @@ def test_boundary_margin_from_full_logits():
 def test_invisible_flip_is_an_edge_only_when_the_reference_is_on_the_boundary():
     """A flip outside the returned lists: masks agree, every logprob shifts by the flipped
     token's mass; the trainer's full logits (``boundary``) decide."""
-    from vllm_compat import verify
+    from vllm_compat.golden import verify
 
     floor = verify.edge_floor("float32")
     mine = res([1], [[[1, -0.5, 1], [2, -1.0, 2]]])
@@ -261,7 +262,7 @@ def test_invisible_flip_is_an_edge_only_when_the_reference_is_on_the_boundary():
 def test_trainer_boundary_scores_the_reference_sequence_at_the_right_row():
     import torch
 
-    from vllm_compat import verify
+    from vllm_compat.golden import verify
 
     class FakeTrainer:
         calls = []
