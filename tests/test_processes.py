@@ -11,7 +11,7 @@ from vllm_compat.golden.fixtures import GOLDEN_DIR
 from vllm_compat.registry import ENV_ACTIVE
 from vllm_compat.golden.runner import run_scenario
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.cpu_only]  # compares with the CPU V0 fixtures
 FP32 = GOLDEN_DIR / "fixtures/llama-fp32.v0.json"
 
 

@@ -10,7 +10,7 @@ import vllm_compat
 from vllm_compat.golden import verify
 from vllm_compat.golden.fixtures import GOLDEN_DIR
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.cpu_only]  # compares with the CPU V0 fixtures
 FIXTURES, MODELS = GOLDEN_DIR / "fixtures", GOLDEN_DIR / "models"
 MODEL = "llama-fp32"
 # 16 tokens a step: the 4 prompts of 5-17 tokens (42 tokens, 84 with n=2) prefill over

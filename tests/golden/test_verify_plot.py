@@ -16,6 +16,7 @@ from vllm_compat.golden import plot
 from vllm_compat.golden.runner import encode_lp
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.cpu_only  # runs verify against the CPU V0 fixtures
 MODEL = "llama-fp32"
 # greedy: stock V1 passes (raw == processed); temp_0.6: stock fails by nats; top_p_min_p: stock
 # keeps tokens V0 masked (-inf on one side).

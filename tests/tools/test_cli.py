@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.cpu_only  # runs verify against the CPU V0 fixtures
 
 
 @pytest.mark.parametrize("how", ["script", "module"])

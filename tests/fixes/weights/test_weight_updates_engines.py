@@ -10,7 +10,7 @@ from vllm_compat.golden import verify
 from vllm_compat.fixes.weights import worker as weights_worker
 from vllm_compat.golden.fixtures import GOLDEN_DIR
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.cpu_only]  # compares with the CPU V0 fixtures
 MODELS = GOLDEN_DIR / "models"
 
 
