@@ -15,6 +15,11 @@ slow, plain V0 reference (full sort), on the same device. Checks:
   update_paths     an in-flight update from a file and over a gloo broadcast into the workers
                    give the same logprobs; updating back restores the original ones
   update_memory    peak extra memory of an update (reported, not gated)
+  ray_tp2          tensor_parallel_size=2 on vLLM's Ray executor: check() sees the fixes in both Ray
+                   workers, and an update from a file reaches both (the outputs equal a TP=1 engine's
+                   after the same update). Needs 2 GPUs and ray; vLLM's CPU platform refuses Ray
+                   ("current platform cpu does not support ray": it declares no ray_device_key), so
+                   the dry run skips it.
 
 ``--dry-run`` runs the same code on the CPU (what CI does, tests/tools/test_gpu_check.py);
 the CUDA-only check prints SKIP. Exit status 1 when any check FAILs.
@@ -363,6 +368,35 @@ def _update_memory(llm, path) -> str:
     return f"host peak +{peak / 1e6:.1f} MB for a {size / 1e6:.1f} MB checkpoint (CPU: file pages count)"
 
 
+@check("ray_tp2")
+def check_ray(dry_run: bool):
+    import importlib.util
+
+    import torch
+
+    import vllm_compat
+
+    if dry_run or torch.cuda.device_count() < 2 or importlib.util.find_spec("ray") is None:
+        report("ray_tp2", "SKIP", "needs 2 GPUs and ray (vLLM's CPU platform does not support Ray)")
+        return
+    update = MODELS / "llama-fp32-update/model.safetensors"
+    outputs = {}
+    for tp in (2, 1):
+        extra = {"tensor_parallel_size": 2, "distributed_executor_backend": "ray"} if tp == 2 else {}
+        llm = engine("llama-fp32", "float32", **extra)
+        try:
+            workers = len(vllm_compat.check(llm))  # raises if a Ray worker lacks the fixes
+            vllm_compat.update_weights(llm, update)
+            outputs[tp] = (workers, _greedy_logprobs(llm))
+        finally:
+            del llm
+            torch.cuda.empty_cache()
+    ok = outputs[2][0] == 2 and [[t for t, _ in r] for r in outputs[2][1]] == [[t for t, _ in r] for r in outputs[1][1]]
+    delta = max(abs(a[1] - b[1]) for r2, r1 in zip(outputs[2][1], outputs[1][1]) for a, b in zip(r2, r1))
+    report("ray_tp2", "PASS" if ok else "FAIL", f"{outputs[2][0]} Ray workers with the fixes; after the update, greedy "
+           f"tokens {'equal' if ok else 'differ from'} TP=1's; max |delta logprob| {delta:.2e} (reported)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="run on the CPU (CUDA-only checks SKIP)")
@@ -400,6 +434,8 @@ def main(argv=None) -> int:
         check_graphs(args.dry_run)
     if want("update_paths"):
         check_updates(args.dry_run)
+    if want("ray_tp2"):
+        check_ray(args.dry_run)
     failed = [n for n, s, _ in results if s == "FAIL"]
     print(f"{len(results)} checks, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''} "
           f"({time.time() - start:.0f} s)", flush=True)
