@@ -238,6 +238,87 @@ def _compare(configs: dict[str, tuple[str, dict]], rounds: int, log) -> dict[str
     return {name: statistics.median(v) for name, v in results.items()}
 
 
+# Every configuration decodes the DECODE workload (32 prompts x 128 new tokens, logprobs=5 unless
+# the configuration sets it); "seeded" gives every request its own seed.
+SAMPLING_CONFIGS = {
+    "greedy": {"temperature": 0.0},
+    "T=1, no filters": {"temperature": 1.0},
+    "top_k=50": {"temperature": 0.8, "top_k": 50},
+    "top_p=0.9": {"temperature": 0.7, "top_p": 0.9},
+    "top_k=50, top_p=0.95": {"temperature": 0.8, "top_k": 50, "top_p": 0.95},
+    "min_p=0.1": {"temperature": 0.8, "min_p": 0.1},
+    "penalties": {"temperature": 0.8, "repetition_penalty": 1.1, "presence_penalty": 0.3, "frequency_penalty": 0.3},
+    "seeded": {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "seeded": True},
+    "logprobs=0": {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "logprobs": 0},
+    "logprobs=20": {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "logprobs": 20},
+}
+
+# One engine runs every configuration in turn (same process, same warm caches), so the fractions
+# of greedy compare like with like; prints each configuration's median seconds.
+SAMPLING_CHILD = r"""
+import json, os, random, sys, time
+cfg = json.loads(sys.argv[1])
+os.environ.update(cfg["env"])
+import vllm_compat  # applies VLLM_COMPAT from cfg["env"]
+from vllm import LLM, SamplingParams
+llm = LLM(model=cfg["model"], skip_tokenizer_init=True, max_model_len=1024, seed=0, max_logprobs=20,
+          **cfg["engine_args"])
+rng = random.Random(0)
+n, plen, new = cfg["prompts"], cfg["prompt_len"], cfg["max_tokens"]
+prompts = [{"prompt_token_ids": [rng.randrange(1, cfg["vocab"]) for _ in range(plen)]} for _ in range(n)]
+out = {}
+for name, conf in cfg["configs"].items():
+    conf = dict(conf)
+    seeded = conf.pop("seeded", False)
+    conf.setdefault("logprobs", 5)
+    params = [SamplingParams(seed=i if seeded else None, ignore_eos=True, max_tokens=new, **conf) for i in range(n)]
+    # Warm-up on the whole batch: the compiled model and kernels specialise on batch shapes.
+    warm = [SamplingParams(seed=i if seeded else None, ignore_eos=True, max_tokens=8, **conf) for i in range(n)]
+    llm.generate(prompts, warm, use_tqdm=False)
+    times = []
+    for _ in range(cfg["iterations"]):
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    out[name] = {"tokens": sum(len(o.outputs[0].token_ids) for o in outs), "seconds": times[len(times) // 2]}
+print("BENCH " + json.dumps(out), flush=True)
+"""
+
+
+def _sampling(root: Path, hidden: int, layers: int, vocab: int, rounds: int, log,
+              configs: dict | None = None, prompts: int = 32, max_tokens: int = 128, iterations: int = 3) -> dict:
+    """Tokens/s of every sampling configuration and its fraction of greedy, stock V1 and shim."""
+    configs = configs or SAMPLING_CONFIGS
+    fp32 = build_bench_model(root / f"llama-h{hidden}-l{layers}-v{vocab}", hidden, layers, vocab)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_COMPAT")}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    per_round: dict[str, dict[str, list[float]]] = {"stock_v1": {}, "shim": {}}
+    for r in range(rounds):
+        for side, selection in (("stock_v1", "off"), ("shim", "all")):
+            cfg = {"model": str(fp32), "vocab": vocab, "env": {"VLLM_COMPAT": selection}, "configs": configs,
+                   "engine_args": dict(V1_ARGS, dtype="float32"), "prompts": prompts, "prompt_len": 32,
+                   "max_tokens": max_tokens, "iterations": iterations}
+            proc = subprocess.run([sys.executable, "-c", SAMPLING_CHILD, json.dumps(cfg)], env=env,
+                                  capture_output=True, text=True, timeout=3600)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
+            if proc.returncode != 0 or line is None:
+                raise RuntimeError(f"sampling benchmark child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+            for name, m in json.loads(line[6:]).items():
+                per_round[side].setdefault(name, []).append(m["tokens"] / m["seconds"])
+            log(f"  round {r + 1}: {side:<9} " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in per_round[side].items()))
+    tps = {side: {name: statistics.median(v) for name, v in d.items()} for side, d in per_round.items()}
+    table = {name: {"stock_v1": tps["stock_v1"][name] / tps["stock_v1"]["greedy"],
+                    "shim": tps["shim"][name] / tps["shim"]["greedy"],
+                    "shim / stock_v1": tps["shim"][name] / tps["stock_v1"][name]} for name in configs}
+    return {"workload": {"prompts": prompts, "prompt_len": 32, "max_tokens": max_tokens, "logprobs": 5,
+                         "iterations": iterations, "rounds": rounds},
+            "tokens_per_s": tps, "fraction_of_greedy": table,
+            "targets": {"shim >= 0.90 of greedy": {n: row["shim"] >= 0.90 for n, row in table.items()},
+                        "shim >= stock V1": {n: row["shim / stock_v1"] >= 1.0 for n, row in table.items()}}}
+
+
 def _v1(model: Path, vocab: int, selection: str, workload: dict, dtype: str, iterations: int) -> tuple[str, dict]:
     return sys.executable, {"engine": "v1", "model": str(model), "vocab": vocab, "workload": workload,
                             "iterations": iterations, "env": {"VLLM_COMPAT": selection},
@@ -313,6 +394,8 @@ def run(sections: list[str], repeats: int, hidden: int, layers: int, vocab: int,
               "vllm": vllm.__version__, "torch": torch.__version__, "model": str(model_dir)}
     if "weight_update" in sections:
         report["weight_update"] = asyncio.run(_weight_update(model_dir, repeats, log))
+    if "sampling" in sections:
+        report["sampling"] = _sampling(root, hidden, layers, vocab, repeats, log)
     if "throughput" in sections:
         v0 = v0_python or os.environ.get("VLLM_COMPAT_V0_PYTHON")
         report["throughput"] = _throughput(root, hidden, layers, vocab, repeats, v0 if v0 and Path(v0).exists()
@@ -333,6 +416,16 @@ def format_report(report: dict) -> str:
         lines.append(f"  {'fp32 head extra time: theoretical matmul':<44} {e['theoretical_matmul']:9.3f} s")
         for k, v in tp["ratios"].items():
             lines.append(f"  {k:<60} {v:6.3f}")
+    sm = report.get("sampling")
+    if sm:
+        w = sm["workload"]
+        lines.append(f"sampling  (fraction of greedy tokens/s on the same engine; {w['prompts']} prompts x "
+                     f"{w['max_tokens']} tokens, logprobs=5 unless set; median of {w['rounds']} rounds)")
+        lines.append(f"  {'configuration':<24} {'stock V1':>9} {'V1+shim':>9} {'shim/stock':>11}")
+        for name, row in sm["fraction_of_greedy"].items():
+            lines.append(f"  {name:<24} {row['stock_v1']:9.2f} {row['shim']:9.2f} {row['shim / stock_v1']:11.2f}")
+        lines.append(f"  {'greedy tokens/s':<24} {sm['tokens_per_s']['stock_v1']['greedy']:9.0f} "
+                     f"{sm['tokens_per_s']['shim']['greedy']:9.0f}")
     wu = report.get("weight_update")
     if wu:
         lines.append(f"weight_update  (model {wu['model_bytes'] / 1e6:.0f} MB fp32, median of {wu['repeats']})")
@@ -352,7 +445,7 @@ def format_report(report: dict) -> str:
 
 def main(args) -> int:
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
-    report = run(args.section or ["throughput", "weight_update"], args.repeats, args.hidden, args.layers, args.vocab,
+    report = run(args.section or ["sampling", "throughput", "weight_update"], args.repeats, args.hidden, args.layers, args.vocab,
                  args.workdir, args.v0_python, log)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
