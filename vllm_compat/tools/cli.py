@@ -192,7 +192,7 @@ def main(argv=None) -> int:
                                         "(default: $VLLM_COMPAT_V0_PYTHON)")
     b.add_argument("--json", action="store_true")
     b.add_argument("-v", "--verbose", action="store_true", help="show vLLM's logs (default: into a log file)")
-    p = sub.add_parser("patches", help="the upstream-style patch series in patches/ (see vllm_compat/tools/patches.py)")
+    p = sub.add_parser("patches", help="the upstream-style patch series in patches/ (see vllm_compat/tools/patches/)")
     psub = p.add_subparsers(dest="patches_cmd", required=True)
     pl = psub.add_parser("list", help="each version's series: patch, subject, upstream status")
     pc = psub.add_parser("check", help="apply each series to its version's PyPI sdist (downloaded once)")

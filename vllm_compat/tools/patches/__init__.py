@@ -29,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..golden.fixtures import PACKAGE_ROOT
+from ...golden.fixtures import PACKAGE_ROOT
 
 PATCHES_DIR = PACKAGE_ROOT.parent / "patches"
 PYPI_SIMPLE = os.environ.get("VLLM_COMPAT_PYPI_SIMPLE", "https://pypi.org/simple")
@@ -170,7 +170,7 @@ def _download(project: str, filename: str) -> Path:
 
     _with_retries(fetch)
     if digest:
-        from ..golden.fixtures import sha256
+        from ...golden.fixtures import sha256
 
         if sha256(tmp) != digest:
             tmp.unlink()
@@ -215,7 +215,7 @@ def check(version: str, archive: Path | None = None, patches_dir: Path = PATCHES
 # ---- the installed package ----------------------------------------------------------------
 
 def installed_version() -> str:
-    from .. import versions as v
+    from ... import versions as v
 
     return str(v.vllm_version())
 
