@@ -200,8 +200,11 @@ def main(argv=None) -> int:
     pa = psub.add_parser("apply", help="copy the installed vllm package to DIR/vllm and apply its series")
     pa.add_argument("--to", required=True, metavar="DIR", help="then run with PYTHONPATH=DIR")
     pa.add_argument("--link", action="store_true", help="symlink the files the series does not touch")
-    for sp in (pl, pc, pa):
-        sp.add_argument("--version", help="vLLM version (default: list/check all, apply the installed one)")
+    pb = psub.add_parser("build", help="regenerate the series from patches/recipes/ and the shim's V0 sampling "
+                                       "(git format-patch on each release's sdist, downloaded once)")
+    pb.add_argument("--out", required=True, metavar="DIR", help="writes DIR/<version>/ (`--out patches` updates the repository)")
+    for sp in (pl, pc, pa, pb):
+        sp.add_argument("--version", help="vLLM version (default: list/check/build all, apply the installed one)")
     err, sys.stderr = sys.stderr, console()  # usage errors to the user, not to the log file
     try:
         args = ap.parse_args(argv)
