@@ -186,7 +186,7 @@ def v0_sampling_module(shim_dir: Path = PACKAGE_ROOT, recipes_dir: Path = RECIPE
 # ---- the series ----------------------------------------------------------------------------
 
 def recipe_versions(recipes_dir: Path = RECIPES_DIR) -> list[str]:
-    found = [p.name for p in recipes_dir.iterdir() if p.is_dir()]
+    found = [p.name for p in recipes_dir.iterdir() if any(p.glob("*.edits"))]  # not __pycache__ and the like
     return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))
 
 
