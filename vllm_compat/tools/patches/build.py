@@ -116,7 +116,8 @@ def apply_edit(edit: Edit, root: Path, recipe: Path) -> None:
 
 def _split_module(source: str, name: str) -> tuple[str, str | None, list[str], str]:
     """-> (the lines up to and with the docstring, the docstring, the import statements, the rest:
-    from the line after the last import). Comments between docstring and imports are dropped."""
+    from the line after the last import). Comments between docstring and imports are dropped: in
+    v0_sampling_vllm.py they are notes about that file, not part of the module vLLM gets."""
     tree = ast.parse(source)
     body = tree.body
     doc = ast.get_docstring(tree)
@@ -206,14 +207,14 @@ def _git(repo: Path, *args: str, stdin: str | None = None) -> str:
     return r.stdout
 
 
-def build_version(version: str, out: Path, archive: Path | None = None, recipes_dir: Path = RECIPES_DIR,
+def build_version(version: str, out: Path, recipes_dir: Path = RECIPES_DIR,
                   shim_dir: Path = PACKAGE_ROOT) -> list[Path]:
     """Write ``out/<version>/``: the series file and one patch per fix. Returns the patch files."""
     template, fixes = _series_template(recipes_dir)
     recipes = {fix: recipes_dir / version / f"{fix}.edits" for fix in fixes}
     steps = {fix: read_edits(path) for fix, path in recipes.items()}
     released = {s.path for fix_steps in steps.values() for s in fix_steps if isinstance(s, Edit)}
-    archive = Path(archive) if archive else released_source(version)
+    archive = released_source(version)
     with tempfile.TemporaryDirectory(prefix="vllm-compat-build-") as tmp:
         repo, exported = Path(tmp) / "src", Path(tmp) / "out"
         _extract(archive, version, released, repo)
