@@ -9,6 +9,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${1:-$root/.venv}"
+case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac  # row-env's LD_PRELOAD paths must work from anywhere
 row="${2:-0.32.0}"
 
 # ---- the rows ----------------------------------------------------------------------------------
