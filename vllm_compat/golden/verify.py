@@ -194,20 +194,27 @@ def judge(row: Row, limits: dict, scale: float = 1.0) -> None:
         over(tr["k3"], limits["k3_vs_trainer"], "k3 vs trainer")
 
 
-def boundary_margin(logits, params: dict, prompt: list[int] | None = None, output: list[int] | None = None) -> float:
+def boundary_margin(logits, params: dict, prompt: list[int] | None = None, output: list[int] | None = None,
+                    eos_token_ids=()) -> float:
     """How far one row of raw fp32 logits sits from V0's masking boundaries under ``params``:
     the smallest of the top-k gap |s_k - s_(k+1)|, the top-p margin |c - p| (c: the descending
     cumulative probability of the top-k-renormalised distribution where V0's cut falls, on
     either side of it) and the min-p margin |s_t - s_max - log(min_p)| over the tokens top-k/top-p
     keep, with s = penalised logits / T (V0's order). inf when no filter applies. Units: scaled
     logits for top-k and min-p; probability for top-p (a logit noise of ε moves a cumulative
-    probability by at most ~ε, so the same floor applies)."""
+    probability by at most ~ε, so the same floor applies). A sampled row (``prompt`` given) first
+    takes V0's logits processors and min_tokens (``eos_token_ids``: the model's); a prompt row
+    (``prompt`` None) neither, as in V0."""
     import torch
 
-    from ..v0_sampling import SamplingSpec, apply_penalties, bin_counts
+    from ..v0_sampling import SamplingSpec, apply_logits_processors, apply_penalties, bin_counts
 
-    spec = SamplingSpec.from_params(params)
+    spec = SamplingSpec.from_params(params, eos_token_ids=eos_token_ids)
     x = logits.float()[None]
+    if prompt is None:
+        spec = spec.for_prompt()
+    elif spec.has_processors:
+        x = apply_logits_processors(x, [spec], [len(output or [])])
     if prompt is not None and spec.has_penalties:
         f32 = lambda v: torch.tensor([v], dtype=torch.float32)  # noqa: E731
         vocab = x.shape[1]
@@ -257,7 +264,8 @@ def trainer_boundary(trainer, scenario: dict, reference: list[dict]):
         key = (i_req, which)
         if key not in cache:
             cache[key] = trainer.logits(prompt + out)
-        return boundary_margin(cache[key][len(prompt) - 1 + pos], params, prompt, out[:pos])
+        return boundary_margin(cache[key][len(prompt) - 1 + pos], params, prompt, out[:pos],
+                               getattr(trainer, "eos_token_ids", ()))
 
     return boundary
 
