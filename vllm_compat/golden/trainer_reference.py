@@ -52,6 +52,21 @@ class TrainerReference:
         head = self.model.get_output_embeddings().weight
         return hidden.float() @ head.float().t()
 
+    def processed_rows(self, prompt: list[int], completion: list[int], params: dict,
+                       logits: torch.Tensor | None = None) -> torch.Tensor:
+        """V0's processed log-probabilities at every position of one sequence, [len - 1, vocab]:
+        row i is the distribution of token i + 1 (prompt rows first, then completion rows)."""
+        spec = SamplingSpec.from_params(params, eos_token_ids=self.eos_token_ids)
+        if logits is None:
+            logits = self.logits(prompt + completion)[:-1]
+        n_prompt_rows = len(prompt) - 1
+        prompt_ctx = [prompt] * logits.shape[0]
+        outputs = [[] for _ in range(n_prompt_rows)] + [completion[:t] for t in range(len(completion))]
+        # Prompt rows: neutral penalties, no processors (V0); completion rows: penalties and
+        # min_tokens on the real history.
+        specs = [spec.for_prompt()] * n_prompt_rows + [spec] * len(completion)
+        return v0_processed_logprobs(logits, specs, prompt_ctx, outputs)
+
     def score(self, prompt: list[int], completion: list[int], params: dict) -> dict:
         """Per-token reference logprobs for one sequence (prompt token 0 has none: None)."""
         spec = SamplingSpec.from_params(params, eos_token_ids=self.eos_token_ids)
@@ -59,14 +74,7 @@ class TrainerReference:
         targets = torch.tensor(prompt[1:] + completion)
         temp = 1.0 if spec.greedy else spec.temperature
         scaled = torch.log_softmax(logits / temp, -1).gather(1, targets[:, None])[:, 0]
-        n_prompt_rows = len(prompt) - 1
-        rows = logits.shape[0]
-        prompt_ctx = [prompt] * rows
-        outputs = [[] for _ in range(n_prompt_rows)] + [completion[:t] for t in range(len(completion))]
-        # Prompt rows: neutral penalties, no processors (V0); completion rows: penalties and
-        # min_tokens on the real history.
-        specs = [spec.for_prompt()] * n_prompt_rows + [spec] * len(completion)
-        processed = v0_processed_logprobs(logits, specs, prompt_ctx, outputs).gather(1, targets[:, None])[:, 0]
+        processed = self.processed_rows(prompt, completion, params, logits).gather(1, targets[:, None])[:, 0]
         as_list = lambda t: [None] + [_f(x) for x in t.tolist()]  # noqa: E731
         s, p = as_list(scaled), as_list(processed)
         k = len(prompt)
