@@ -4,6 +4,8 @@ and how often each filter scenario actually cut probability mass in V0's runs.
 
 Run: python ci/noise_floors.py   (the engine-vs-engine floor, stock V1 vs V0 where raw ==
 processed, comes from `vllm-compat verify` rows greedy and temp_1.0.)
+     python ci/noise_floors.py --bf16   also the bf16 floor behind verify's bf16 gates: V0 with an
+     fp32 head vs the trainer reference on V0's sequences, every list entry (HF forward passes, ~20 s).
 """
 from __future__ import annotations
 
@@ -62,8 +64,6 @@ def trainer_as_engine(trainer, scenario: dict, reference: list[dict], late_train
     that token (so golden.compare_to_reference measures exactly what verify measures). Update
     scenarios: the late requests (sent after the update, computed with the new weights only)
     via ``late_trainer``; the in-flight requests, computed with two weight sets, None."""
-    from vllm_compat.golden.runner import decode_lp
-
     requests = scenario["requests"]
     late = (scenario.get("update") or {}).get("late_requests") or []
     out = []
@@ -88,7 +88,6 @@ def trainer_as_engine(trainer, scenario: dict, reference: list[dict], late_train
             res["completions"].append({"token_ids": c["token_ids"], "logprobs": None if c.get("logprobs") is None else
                                        [lists(rows[len(prompt) - 1 + t], e) for t, e in enumerate(c["logprobs"])]})
         out.append(res)
-    del decode_lp
     return out
 
 

@@ -16,7 +16,8 @@ import torch
 
 from vllm_compat import v0_sampling as processing
 from vllm_compat.fixes.prompt_logprobs import _processing, spec_for
-from vllm_compat.v0_sampling import (SamplingSpec, apply_logits_processors, apply_min_p, apply_penalties, apply_top_k_top_p,
+from vllm_compat.v0_sampling import (SamplingSpec, apply_logits_processors, apply_min_p, apply_penalties,
+                                    apply_top_k_top_p,
                                     apply_top_k_top_p_sorted, bin_counts, v0_processed_logprobs)
 
 META = torch.device("meta")

@@ -372,7 +372,8 @@ def _fmt(x) -> str:
 
 
 HEADER = (f"{'model':<16} {'scenario':<26} {'ref':<13} {'tokens':>6} {'pos':>9} {'sampled':>8} {'topk':>8} "
-          f"{'prompt':>8} {'mask':>5} {'rank':>5} {'edges':>5} {'ties':>5} {'k3_v0':>8} {'trainer':>8} {'k3_tr':>8}  result")
+          f"{'prompt':>8} {'mask':>5} {'rank':>5} {'edges':>5} {'ties':>5} {'k3_v0':>8} {'trainer':>8} "
+          f"{'k3_tr':>8}  result")
 
 
 def format_row(row: Row) -> str:
