@@ -76,7 +76,7 @@ def trainer_as_engine(trainer, scenario: dict, reference: list[dict], late_train
         prompt, params = req["prompt_token_ids"], req["params"]
         res = {"prompt_logprobs": None, "completions": []}
         for c in ref["completions"]:
-            rows = tr.processed_rows(prompt, c["token_ids"], params)
+            rows = tr.processed_rows(prompt, c["token_ids"], params, param_dtype=getattr(tr, "param_dtype", None))
 
             def lists(row, entries):
                 return None if entries is None else [
@@ -103,6 +103,24 @@ def finite_floor(pairs: list) -> dict:
     return out
 
 
+def bf16_head_trainer(model_dir, weights=None):
+    """The trainer reference with V0's stock bf16 head: logits F.linear in bf16 (vLLM's
+    UnquantizedEmbeddingMethod), sampling parameters materialised in bf16 (V0 with bf16 logits)."""
+    import torch
+    import torch.nn.functional as F
+    from vllm_compat.golden.trainer_reference import TrainerReference
+
+    class BF16Head(TrainerReference):
+        param_dtype = torch.bfloat16
+
+        @torch.no_grad()
+        def logits(self, token_ids):
+            hidden = self.model.model(input_ids=torch.tensor([token_ids])).last_hidden_state[0]
+            return F.linear(hidden, self.model.get_output_embeddings().weight)
+
+    return BF16Head(model_dir, weights)
+
+
 def bf16_floors() -> None:
     """Two correct implementations of "V0 with an fp32 head" on a bf16 model, compared exactly as
     verify compares V1 with V0: vLLM 0.8.5 V0 (fixture v0_fp32_head: vLLM's bf16 body, fp32 head,
@@ -114,14 +132,16 @@ def bf16_floors() -> None:
 
     models = golden.GOLDEN_DIR / "models"
     fixtures = {(f.model, f.reference): f for f in golden.load_all()}
-    print("bf16 floor: V0 fp32-head vs trainer (HF bf16 body, fp32 head), V0's lists, T = 1 units")
-    for model in sorted({m for m, r in fixtures if r == "v0_fp32_head"}):
-        trainer = TrainerReference(models / model)
+    for model, ref_name in sorted((m, r) for m, r in fixtures if m.endswith("bf16")):
+        head = "fp32" if ref_name == "v0_fp32_head" else "bf16"
+        print(f"bf16 floor: V0 ({ref_name}) vs trainer (HF bf16 body, {head} head), V0's lists, T = 1 units")
+        make = TrainerReference if head == "fp32" else bf16_head_trainer
+        trainer = make(models / model)
         update = scenarios.MODELS.get(model)
-        late = TrainerReference(models / model, weights=models / update) if update else None
+        late = make(models / model, weights=models / update) if update else None
         worst = {"sampled": (0.0, ""), "topk": (0.0, ""), "prompt": (0.0, ""), "k3": (0.0, "")}
         flips = ranks = rank_n = 0
-        for sc in fixtures[(model, "v0_fp32_head")].scenarios:
+        for sc in fixtures[(model, ref_name)].scenarios:
             ref = sc["results"]
             mine = trainer_as_engine(trainer, sc, ref, late)
             keep = [i for i, m in enumerate(mine) if m is not None]
@@ -138,10 +158,10 @@ def bf16_floors() -> None:
             if m["rank_agreement"] is not None:
                 ranks += 1 - m["rank_agreement"]
                 rank_n += 1
-            print(f"  {model:<16} {sc['name']:<26} sampled {f['sampled']:.3g} topk {f['topk']:.3g} "
+            print(f"  {model:<16} {head} {sc['name']:<26} sampled {f['sampled']:.3g} topk {f['topk']:.3g} "
                   f"prompt {f['prompt']:.3g} k3 {m['k3'] if m['k3'] is None else format(m['k3'], '.3g')} "
                   f"flips {f['flips']} rank {m['rank_agreement']:.3f} tokens compared {m['compared_positions']}")
-        print(f"  {model:<16} WORST " + ", ".join(f"{k} {v:.3g} ({n})" for k, (v, n) in worst.items())
+        print(f"  {model:<16} {head} WORST " + ", ".join(f"{k} {v:.3g} ({n})" for k, (v, n) in worst.items())
               + f"; masked-set flips {flips}")
 
 

@@ -53,9 +53,10 @@ class TrainerReference:
         return hidden.float() @ head.float().t()
 
     def processed_rows(self, prompt: list[int], completion: list[int], params: dict,
-                       logits: torch.Tensor | None = None) -> torch.Tensor:
+                       logits: torch.Tensor | None = None, param_dtype: torch.dtype | None = None) -> torch.Tensor:
         """V0's processed log-probabilities at every position of one sequence, [len - 1, vocab]:
-        row i is the distribution of token i + 1 (prompt rows first, then completion rows)."""
+        row i is the distribution of token i + 1 (prompt rows first, then completion rows).
+        ``param_dtype``: as in v0_processed_logprobs (V0 with bf16 logits: bfloat16)."""
         spec = SamplingSpec.from_params(params, eos_token_ids=self.eos_token_ids)
         if logits is None:
             logits = self.logits(prompt + completion)[:-1]
@@ -65,7 +66,7 @@ class TrainerReference:
         # Prompt rows: neutral penalties, no processors (V0); completion rows: penalties and
         # min_tokens on the real history.
         specs = [spec.for_prompt()] * n_prompt_rows + [spec] * len(completion)
-        return v0_processed_logprobs(logits, specs, prompt_ctx, outputs)
+        return v0_processed_logprobs(logits, specs, prompt_ctx, outputs, param_dtype=param_dtype)
 
     def score(self, prompt: list[int], completion: list[int], params: dict) -> dict:
         """Per-token reference logprobs for one sequence (prompt token 0 has none: None)."""
