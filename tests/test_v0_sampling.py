@@ -146,3 +146,59 @@ def test_compiled_rank_count_equals_the_eager_count():
         x[:, ::7] = -INF  # processed rows: -inf outside the kept set
         values = torch.cat([x[:, :1], x[:, 7:8], torch.full((rows, 1), -INF)])[torch.randperm(3 * rows)[:rows]]
         assert torch.equal(v0_ranks(x, values), _count_greater_eager(x, values) + 1)
+
+
+def _v0_processors_reference(row: torch.Tensor, params: dict, n_outputs: int, eos: set) -> torch.Tensor:
+    """V0 0.8.5 written out: ``logit_bias_logits_processor`` (``logits[t] += bias`` per token,
+    clamped bias), ``AllowedTokenIdsLogitsProcessor`` (masked_fill of the rest),
+    ``_apply_min_tokens_penalty`` (all_stop_token_ids = stop ids + the EOS ids)."""
+    row = row.clone()
+    for t, b in (params.get("logit_bias") or {}).items():
+        row[int(t)] += min(100.0, max(-100.0, b))
+    if params.get("allowed_token_ids") is not None:
+        mask = torch.ones(row.shape[-1], dtype=torch.bool)
+        mask[params["allowed_token_ids"]] = False
+        row.masked_fill_(mask, -INF)
+    if n_outputs < params.get("min_tokens", 0):
+        row[sorted(set(params.get("stop_token_ids", [])) | eos)] = -INF
+    return row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_processors_and_min_tokens_match_v0_written_out(dtype):
+    """Bit-exact against V0's own per-token code, in the model dtype (bf16: the bias is added in
+    fp32 op-math and rounded, as ``x += float`` does), then through the whole processing."""
+    from vllm_compat.v0_sampling import apply_logits_processors
+
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(5, 64, generator=g) * 3).to(dtype)
+    params = [
+        {"logit_bias": {"3": 0.3, 7: -100.0, 9: 250.0, 11: 1.7}},  # 250 -> clamped to 100; 0.3: not a bf16 value
+        {"allowed_token_ids": [1, 5, 9, 40]},
+        {"min_tokens": 3, "stop_token_ids": [4, 6]},
+        {"min_tokens": 3, "stop_token_ids": [4, 6]},  # 3 outputs already: nothing held
+        {"logit_bias": {5: 2.5, 60: 1.1}, "allowed_token_ids": [5, 6, 7, 60], "min_tokens": 1,
+         "stop_token_ids": [6], "temperature": 0.7, "top_p": 0.9},
+    ]
+    outputs = [[1], [], [2, 3], [8, 8, 8], []]
+    eos = {2}
+    specs = [SamplingSpec.from_params(p, eos_token_ids=eos) for p in params]
+    mine = apply_logits_processors(logits, specs, [len(o) for o in outputs])
+    ref = torch.stack([_v0_processors_reference(logits[i], p, len(o), eos)
+                       for i, (p, o) in enumerate(zip(params, outputs))])
+    assert mine.dtype == dtype and torch.equal(mine, ref)
+    assert float(mine[2, 2]) == -INF and float(mine[3, 2]) != -INF  # EOS held only below min_tokens
+    full = v0_processed_logprobs(logits, specs, [[0]] * 5, outputs, param_dtype=dtype)
+    plain = v0_processed_logprobs(ref, [SamplingSpec.from_params({k: v for k, v in p.items() if k in (
+        "temperature", "top_p")}) for p in params], [[0]] * 5, outputs, param_dtype=dtype)
+    assert torch.equal(full, plain)
+
+
+def test_greedy_keeps_processors_and_prompt_rows_drop_them():
+    spec = SamplingSpec.from_params({"temperature": 0.0, "top_k": 3, "logit_bias": {1: 2.0},
+                                     "allowed_token_ids": [1, 2], "min_tokens": 2, "stop_token_ids": [2]},
+                                    eos_token_ids=[0])
+    assert spec.greedy and spec.top_k == -1 and spec.logit_bias == ((1, 2.0),)
+    assert spec.allowed_token_ids == (1, 2) and spec.min_tokens_ids == (0, 2)
+    prompt = spec.for_prompt()
+    assert not prompt.has_processors and not prompt.has_penalties and prompt.temperature == 0.0

@@ -16,7 +16,8 @@ import torch
 
 from vllm_compat import v0_sampling as processing
 from vllm_compat.fixes.prompt_logprobs import _processing, spec_for
-from vllm_compat.v0_sampling import (SamplingSpec, apply_min_p, apply_penalties, apply_top_k_top_p,
+from vllm_compat.v0_sampling import (SamplingSpec, apply_logits_processors, apply_min_p, apply_penalties,
+                                    apply_top_k_top_p,
                                     apply_top_k_top_p_sorted, bin_counts, v0_processed_logprobs)
 
 META = torch.device("meta")
@@ -82,6 +83,20 @@ CASES = {
                              True, TIE),
     "mixed_rows": ([S(), S.from_params({"temperature": 0.0}), S(temperature=1.5, top_p=0.8),
                     S(top_k=3, frequency_penalty=0.5)], True, DECIDED),  # a top-k off: exact top-p path
+    # V0's logits processors and min_tokens (sampled rows; OUTPUT lengths 2, 1, 0, 3 when given).
+    "logit_bias": ([S.from_params({"temperature": 0.8, "logit_bias": {"5": 3.0, 7: -100.0}})] * ROWS, False, []),
+    "allowed_token_ids": ([S.from_params({"allowed_token_ids": [1, 4, 9]})] * ROWS, False, []),
+    "min_tokens": ([S.from_params({"min_tokens": 2, "stop_token_ids": [3, 8]}, eos_token_ids=[2])] * ROWS,
+                   True, []),
+    "min_tokens_without_tokens": ([S.from_params({"min_tokens": 2, "stop_token_ids": [3]})] * ROWS, False, []),
+    "processors_mixed_rows": ([S.from_params({"temperature": 0.0, "logit_bias": {1: 2.0}}),
+                               S.from_params({"allowed_token_ids": [0, 5], "top_p": 0.9}),
+                               S(), S.from_params({"min_tokens": 3, "stop_token_ids": [4], "top_k": 5,
+                                                   "repetition_penalty": 1.2})], True, DECIDED),
+    "everything_with_processors": ([S.from_params({
+        "temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.05, "repetition_penalty": 1.1,
+        "presence_penalty": 0.3, "frequency_penalty": 0.1, "logit_bias": {3: 1.5}, "allowed_token_ids": [1, 2, 3],
+        "min_tokens": 4, "stop_token_ids": [2]}, eos_token_ids=[9])] * ROWS, True, NO_TIE),
     "mixed_rows_all_top_k": ([S(top_k=1), S(temperature=0.5, top_k=7), S(top_k=20, top_p=0.5),
                               S(top_k=3, repetition_penalty=2.0)], True, NO_TIE),
 }
@@ -128,6 +143,11 @@ def test_building_blocks_are_device_generic(monkeypatch):
     assert counts.shape == (ROWS, VOCAB) and counts.dtype == torch.long
     ones = torch.ones(ROWS, device=META)
     assert_device_generic(monkeypatch, apply_penalties, logits, counts, counts, ones, ones, ones)
+    specs = [S.from_params({"logit_bias": {2: 1.0}, "allowed_token_ids": [2, 3], "min_tokens": 2,
+                            "stop_token_ids": [3]})] * ROWS
+    for dtype in (torch.float32, torch.bfloat16):
+        out = assert_device_generic(monkeypatch, apply_logits_processors, meta_logits(dtype), specs, [0, 1, 2, 3])
+        assert out.dtype == dtype  # in the model dtype, as V0
 
 
 def count_host_reads(monkeypatch):

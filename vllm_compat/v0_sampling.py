@@ -8,13 +8,16 @@ sampling parameters answer are taken from them, and the host reads a per-step te
 through :func:`_host` (a data-dependent shape: ``_top_k_candidates``' tie check, one read per
 round of ``_top_k_top_p_partial``).
 
-V0's order (0.8.5 sampler.py 216-324):
-  penalties (model dtype) -> fp32 cast -> / temperature -> top-k then top-p (sort based)
-  -> min-p (AFTER top-k/top-p; V1 applies it before) -> log_softmax in fp32.
+V0's order (0.8.5 logits_processor.py, sampler.py 216-324):
+  logits processors of sampled rows, in the model dtype: logit_bias (clamped to +-100), then
+  allowed_token_ids (``get_logits_processors``' order) -> min_tokens (every stop id and the EOS
+  ids -inf while a sequence has fewer outputs) -> penalties (model dtype) -> fp32 cast
+  -> / temperature -> top-k then top-p (sort based) -> min-p (AFTER top-k/top-p; V1 applies it
+  before) -> log_softmax in fp32.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -33,14 +36,44 @@ class SamplingSpec:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # V0's logits processors and min_tokens: sampled rows only (V0's prompt-logprob rows get
+    # neither; see ``for_prompt``). ``logit_bias``: sorted (token id, bias) pairs, bias clamped
+    # to [-100, 100] as V0's ``get_logits_processors`` does; ``allowed_token_ids``: None = all.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
+    # While a sequence has fewer than ``min_tokens`` outputs, every id in ``min_tokens_ids`` is
+    # -inf: V0's ``all_stop_token_ids``, the request's stop_token_ids plus the model's EOS ids
+    # (added whatever ignore_eos says; ``from_params(eos_token_ids=...)``).
+    min_tokens: int = 0
+    min_tokens_ids: tuple[int, ...] = ()
 
     @classmethod
-    def from_params(cls, params: dict) -> "SamplingSpec":
-        spec = cls(**{k: params[k] for k in cls.__dataclass_fields__ if params.get(k) is not None})
+    def from_params(cls, params: dict, eos_token_ids=()) -> "SamplingSpec":
+        """``params``: SamplingParams fields (a fixture's dict; logit_bias keys may be strings).
+        ``eos_token_ids``: the model's EOS ids, which V0 adds to the min_tokens set."""
+        plain = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")
+        values = {k: params[k] for k in plain if params.get(k) is not None}
+        if params.get("logit_bias"):
+            values["logit_bias"] = tuple(sorted((int(t), min(100.0, max(-100.0, float(b))))
+                                                for t, b in params["logit_bias"].items()))
+        if params.get("allowed_token_ids") is not None:
+            values["allowed_token_ids"] = tuple(sorted({int(t) for t in params["allowed_token_ids"]}))
+        if params.get("min_tokens"):
+            values["min_tokens"] = int(params["min_tokens"])
+            values["min_tokens_ids"] = tuple(sorted({int(t) for t in params.get("stop_token_ids") or ()}
+                                                    | {int(t) for t in eos_token_ids}))
+        spec = cls(**values)
         if spec.temperature < _GREEDY_EPS:  # SamplingParams resets the filters for greedy
-            spec = cls(temperature=0.0, repetition_penalty=spec.repetition_penalty,
-                       presence_penalty=spec.presence_penalty, frequency_penalty=spec.frequency_penalty)
+            spec = replace(spec, temperature=0.0, top_k=-1, top_p=1.0, min_p=0.0)
         return spec
+
+    def for_prompt(self) -> "SamplingSpec":
+        """V0's spec for prompt-logprob rows: temperature and filters, neutral penalties, no
+        logits processors, no min_tokens (``sampling_metadata.py`` 436-448; the processors and
+        min_tokens touch sampled rows only)."""
+        return replace(self, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                       logit_bias=(), allowed_token_ids=None, min_tokens=0, min_tokens_ids=())
 
     @property
     def greedy(self) -> bool:
@@ -50,6 +83,12 @@ class SamplingSpec:
     def has_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+    @property
+    def has_processors(self) -> bool:
+        """logit_bias, allowed_token_ids or min_tokens set (whether they bite depends on the row)."""
+        return bool(self.logit_bias) or self.allowed_token_ids is not None or (
+            self.min_tokens > 0 and bool(self.min_tokens_ids))
 
 
 def _host(t: torch.Tensor):
@@ -81,6 +120,37 @@ def bin_counts(token_lists: Sequence[Sequence[int]], vocab: int,
         counts.index_add_(0, _from_host(flat, torch.long, device),
                           torch.ones(len(flat), dtype=torch.long, device=device))
     return counts.view(len(token_lists), vocab)
+
+
+def apply_logits_processors(logits: torch.Tensor, specs: Sequence[SamplingSpec],
+                            output_lengths: Sequence[int]) -> torch.Tensor:
+    """V0's per-request logits processors and min_tokens, in the logits' dtype (a new tensor):
+    logit_bias (``logits[t] += bias``: the sum in the dtype's op-math, fp32 for bf16/fp16, then
+    rounded), then allowed_token_ids (everything else -inf), then min_tokens (the min_tokens
+    ids -inf in rows with fewer than ``min_tokens`` outputs; ``output_lengths``: per row)."""
+    rows, vocab = logits.shape
+    device = logits.device
+    logits = logits.clone(memory_format=torch.contiguous_format)
+    flat = logits.view(-1)
+    bias = [(i * vocab + t, b) for i, s in enumerate(specs) for t, b in s.logit_bias]
+    if bias:
+        idx = _from_host([i for i, _ in bias], torch.long, device)
+        vals = _from_host([b for _, b in bias], torch.float32, device)
+        acc = torch.promote_types(logits.dtype, torch.float32)  # op-math of `x += python float`
+        flat.index_copy_(0, idx, (flat.index_select(0, idx).to(acc) + vals.to(acc)).to(logits.dtype))
+    allowed_rows = [i for i, s in enumerate(specs) if s.allowed_token_ids is not None]
+    if allowed_rows:
+        banned = torch.zeros(rows * vocab, dtype=torch.bool, device=device)
+        banned.view(rows, vocab).index_fill_(0, _from_host(allowed_rows, torch.long, device), True)
+        keep = [i * vocab + t for i in allowed_rows for t in specs[i].allowed_token_ids]
+        if keep:
+            banned.index_fill_(0, _from_host(keep, torch.long, device), False)
+        flat.masked_fill_(banned, -float("inf"))
+    held = [i * vocab + t for i, (s, n) in enumerate(zip(specs, output_lengths))
+            if n < s.min_tokens for t in s.min_tokens_ids]
+    if held:
+        flat.index_fill_(0, _from_host(held, torch.long, device), -float("inf"))
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, prompt_counts: torch.Tensor, output_counts: torch.Tensor,
@@ -317,9 +387,10 @@ def v0_processed_logprobs(logits: torch.Tensor, specs: Sequence[SamplingSpec],
                           param_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Log-probabilities of the distribution V0 samples from, one row per spec.
 
-    ``logits``: raw lm_head output rows (any float dtype; penalties run in that dtype as
-    in V0). ``prompt_tokens``/``output_tokens``: per row, for penalties (None = neutral,
-    which is what V0 uses for prompt-logprob rows). ``param_dtype``: dtype in which V0
+    ``logits``: raw lm_head output rows (any float dtype; logits processors and penalties run
+    in that dtype as in V0). ``prompt_tokens``/``output_tokens``: per row, for penalties (None =
+    neutral, which is what V0 uses for prompt-logprob rows); ``output_tokens`` also counts the
+    outputs for min_tokens (None: none yet). Prompt-logprob rows take ``spec.for_prompt()``. ``param_dtype``: dtype in which V0
     materialised the sampling parameters (its logits dtype); None = exact fp32.
     """
     rows, vocab = logits.shape
@@ -328,6 +399,9 @@ def v0_processed_logprobs(logits: torch.Tensor, specs: Sequence[SamplingSpec],
     def col(values) -> torch.Tensor:  # fp32 first, then pdt: V0's rounding, whatever pdt is
         return _from_host(values, torch.float32, logits.device).to(pdt)
 
+    if any(s.has_processors for s in specs):
+        logits = apply_logits_processors(logits, specs, [len(o) for o in output_tokens] if output_tokens
+                                         else [0] * rows)
     if prompt_tokens is not None and any(s.has_penalties for s in specs):
         out = output_tokens or [[] for _ in range(rows)]
         logits = apply_penalties(logits, bin_counts(prompt_tokens, vocab, logits.device),

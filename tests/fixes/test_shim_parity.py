@@ -84,7 +84,11 @@ def test_lm_head_fp32_removes_bf16_logit_quantisation(shim_rows):
     returned lists. With the fp32 head no two tokens tie. (max |Δ| against the fp32-head V0
     cannot show this: the bf16 body noise is as large as the head's effect; README.)"""
     with_fp32 = shim_rows[("llama-bf16", "greedy")].results
-    bf16_head = run(["llama-bf16"], ["greedy"], exclude=["lm_head_fp32"])[("llama-bf16", "greedy")].results
+    bf16_row = run(["llama-bf16"], ["greedy"], exclude=["lm_head_fp32"])[("llama-bf16", "greedy")]
+    bf16_head = bf16_row.results
     ties_fp32, n = _tied_positions(with_fp32)
     ties_bf16, _ = _tied_positions(bf16_head)
     assert ties_fp32 == 0 and ties_bf16 > 0.1 * n
+    # verify gates this signature on bf16 rows: the shim without its fp32 head fails on it alone.
+    assert shim_rows[("llama-bf16", "greedy")].ties["tied"] == 0
+    assert bf16_row.failures and all(f.startswith("bf16-head signature") for f in bf16_row.failures)

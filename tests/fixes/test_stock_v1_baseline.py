@@ -53,6 +53,21 @@ def test_stock_v1_fails_v0_bf16(rows, scenario):
     assert not rows[("llama-bf16", scenario)].passed
 
 
+@pytest.mark.parametrize("scenario", MATCHING + DIFFERING[:-1])
+def test_stock_v1_fails_every_bf16_scenario_by_its_bf16_head(rows, scenario):
+    """verify's bf16-head signature gate: stock V1's bf16 lm_head puts logits on the bf16 grid,
+    so its lists tie exactly at far more positions than the gate allows (V0 with an fp32 head,
+    the target: none). Where raw == processed (greedy, T=1) stock V1 is within the bf16 noise of
+    V0 and this is the gate that fails it (`vllm-compat verify` with VLLM_COMPAT=off: every one of
+    the 38 bf16 rows fails it, 7.8 % to 82 % of positions tied)."""
+    row = rows[("llama-bf16", scenario)]
+    gate = verify.THRESHOLDS["bfloat16"]["max_tie_fraction"]
+    assert row.ties["fraction"] > 3 * gate, row.ties
+    assert any(f.startswith("bf16-head signature") for f in row.failures), row.failures
+    if scenario in MATCHING:
+        assert all(f.startswith("bf16-head signature") for f in row.failures), row.failures
+
+
 def test_stale_prefix_cache_kv_is_visible(rows):
     """After the in-flight update, the re-sent long prompt hits V1's prefix cache (KV from
     the old weights); V0 recomputed it. The late requests are the ones that differ."""

@@ -282,3 +282,46 @@ def test_trainer_boundary_scores_the_reference_sequence_at_the_right_row():
     assert trainer.calls == [[7, 8, 9, 1, 2, 3]]  # one pass per sequence
     assert boundary((0, "prompt", 1)) == 1.0 and boundary((0, "prompt", 0)) is None
     assert verify.trainer_boundary(trainer, {**sc, "update": {"after_step": 6}}, ref)((0, 0, 2)) is None
+
+
+def test_logit_ties_counts_positions_with_equal_finite_entries():
+    tied = [[1, -0.5, 1], [2, -0.5, 2], [3, -2.0, 3]]
+    distinct = [[1, -0.5, 1], [2, -0.6, 2], [3, "-inf", 3], [4, "-inf", 4]]  # -inf ties do not count
+    single = [[1, -0.5, 1]]  # logprobs=0: nothing to compare
+    r = res([1, 2, 3], [tied, distinct, single], prompt=[None, distinct, tied])
+    assert golden.logit_ties([r]) == {"positions": 4, "tied": 2, "fraction": 0.5}
+    assert golden.logit_ties([res([1], [single])])["fraction"] is None
+
+
+def test_logit_ties_separate_the_heads_in_the_v0_fixtures():
+    """The floor and the gate of verify's bf16-head signature, from V0 itself: with its bf16 head
+    every scenario has tied lists at >= 10.9 % of its positions; with an fp32 head (and on the fp32
+    models) no position in any scenario. The gate lies between."""
+    from vllm_compat.golden.verify import THRESHOLDS
+
+    gate = THRESHOLDS["bfloat16"]["max_tie_fraction"]
+    for f in golden.load_all():
+        for sc in f.scenarios:
+            m = golden.logit_ties(sc["results"])
+            if f.reference == "v0" and f.model.endswith("bf16"):
+                assert m["fraction"] >= 0.109 > 5 * gate, (f.model, sc["name"], m)
+            else:
+                assert m["tied"] == 0 and m["positions"] >= 49, (f.model, f.reference, sc["name"], m)
+
+
+def test_judge_gates_the_bf16_head_signature():
+    from vllm_compat.golden import verify
+
+    for fraction, passed in ((0.0, True), (0.02, True), (0.021, False), (None, True)):
+        row = _row("bfloat16")
+        row.failures.clear()
+        row.ties = {"positions": 64, "tied": 0, "fraction": fraction}
+        verify.judge(row, verify.THRESHOLDS["bfloat16"], row.scale)
+        assert row.passed == passed, fraction
+    assert row.failures == [] and not verify.THRESHOLDS["float32"]["max_tie_fraction"]
+    row = _row("bfloat16")
+    row.failures.clear()
+    row.ties = {"positions": 64, "tied": 9, "fraction": 9 / 64}
+    verify.judge(row, verify.THRESHOLDS["bfloat16"], row.scale)
+    assert row.failures == ["bf16-head signature: exact logprob ties at 0.141 of positions > 0.02 "
+                            "(V0 with an fp32 head: 0)"]

@@ -339,6 +339,26 @@ def compare_to_reference(results: list[dict], reference: list[dict], pairs: list
     return t.summary()
 
 
+def logit_ties(results: list[dict]) -> dict:
+    """The bf16-head signature, read from an engine's own lists (no reference needed): positions
+    (sampled and prompt) where two finite entries of the returned list have exactly the same
+    logprob. A bf16 lm_head puts every logit on the bf16 grid (spacing 2^-5 to 2^-4 at the
+    logit sizes of the tiny models), so the top entries tie often; with an fp32 head an exact
+    tie of two logits is rare (V0's fp32-head fixtures: none). Temperature and V0's
+    processing keep ties and add none.
+    -> {"positions": positions with >= 2 finite entries, "tied": those with a tie,
+        "fraction": tied / positions (None without positions)}."""
+    n = tied = 0
+    for res in results:
+        lists = list(res["prompt_logprobs"] or ()) + [e for c in res["completions"] for e in c.get("logprobs") or ()]
+        for entries in lists:
+            finite = [decode_lp(e[1]) for e in entries or () if decode_lp(e[1]) != -math.inf]
+            if len(finite) >= 2:
+                n += 1
+                tied += len(set(finite)) < len(finite)
+    return {"positions": n, "tied": tied, "fraction": tied / n if n else None}
+
+
 def compare_to_trainer(results: list[dict], trainer: list[dict | None], key: str) -> dict:
     """Engine sampled-token logprobs vs the trainer's on the engine's own sequences."""
     dmax, k3_sum, n, pmax = 0.0, 0.0, 0, 0.0

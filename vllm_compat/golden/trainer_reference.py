@@ -3,10 +3,11 @@
 HF transformers forward pass in the model's dtype with the final projection in fp32 (as
 RL trainers do), then per position
   * ``scaled``: log_softmax(logits / T) over the full vocabulary (the usual trainer loss);
-  * ``processed``: V0's processed distribution (penalties, temperature, top-k/top-p, min-p)
-    recomputed in fp32 by :mod:`vllm_compat.v0_sampling` -- V0's meaning, computed by the
-    trainer.
-Prompt positions use neutral penalties, as V0's prompt logprobs do.
+  * ``processed``: V0's processed distribution (logit_bias, allowed_token_ids, min_tokens,
+    penalties, temperature, top-k/top-p, min-p) recomputed by :mod:`vllm_compat.v0_sampling`
+    -- V0's meaning, computed by the trainer.
+Prompt positions use neutral penalties and no logits processors or min_tokens, as V0's prompt
+logprobs do (``SamplingSpec.for_prompt``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ class TrainerReference:
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval() \
             if _has_dtype_kwarg() else AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).eval()
+        # V0 adds the model's EOS ids to every request's min_tokens set (SamplingParams.
+        # update_from_generation_config: the tokenizer's EOS and the generation config's).
+        eos = getattr(cfg, "eos_token_id", None)
+        self.eos_token_ids = tuple(sorted({eos} if isinstance(eos, int) else set(eos or ())))
         if weights is not None:
             self.load(weights)
 
@@ -47,22 +52,30 @@ class TrainerReference:
         head = self.model.get_output_embeddings().weight
         return hidden.float() @ head.float().t()
 
+    def processed_rows(self, prompt: list[int], completion: list[int], params: dict,
+                       logits: torch.Tensor | None = None, param_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """V0's processed log-probabilities at every position of one sequence, [len - 1, vocab]:
+        row i is the distribution of token i + 1 (prompt rows first, then completion rows).
+        ``param_dtype``: as in v0_processed_logprobs (V0 with bf16 logits: bfloat16)."""
+        spec = SamplingSpec.from_params(params, eos_token_ids=self.eos_token_ids)
+        if logits is None:
+            logits = self.logits(prompt + completion)[:-1]
+        n_prompt_rows = len(prompt) - 1
+        prompt_ctx = [prompt] * logits.shape[0]
+        outputs = [[] for _ in range(n_prompt_rows)] + [completion[:t] for t in range(len(completion))]
+        # Prompt rows: neutral penalties, no processors (V0); completion rows: penalties and
+        # min_tokens on the real history.
+        specs = [spec.for_prompt()] * n_prompt_rows + [spec] * len(completion)
+        return v0_processed_logprobs(logits, specs, prompt_ctx, outputs, param_dtype=param_dtype)
+
     def score(self, prompt: list[int], completion: list[int], params: dict) -> dict:
         """Per-token reference logprobs for one sequence (prompt token 0 has none: None)."""
-        spec = SamplingSpec.from_params(params)
+        spec = SamplingSpec.from_params(params, eos_token_ids=self.eos_token_ids)
         logits = self.logits(prompt + completion)[:-1]
         targets = torch.tensor(prompt[1:] + completion)
         temp = 1.0 if spec.greedy else spec.temperature
         scaled = torch.log_softmax(logits / temp, -1).gather(1, targets[:, None])[:, 0]
-        n_prompt_rows = len(prompt) - 1
-        rows = logits.shape[0]
-        prompt_ctx = [prompt] * rows
-        outputs = [[] for _ in range(n_prompt_rows)] + [completion[:t] for t in range(len(completion))]
-        # Prompt rows: neutral penalties (V0); completion rows: penalties on the real history.
-        neutral = SamplingSpec(**{**spec.__dict__, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-                                  "frequency_penalty": 0.0})
-        specs = [neutral] * n_prompt_rows + [spec] * len(completion)
-        processed = v0_processed_logprobs(logits, specs, prompt_ctx, outputs).gather(1, targets[:, None])[:, 0]
+        processed = self.processed_rows(prompt, completion, params, logits).gather(1, targets[:, None])[:, 0]
         as_list = lambda t: [None] + [_f(x) for x in t.tolist()]  # noqa: E731
         s, p = as_list(scaled), as_list(processed)
         k = len(prompt)
