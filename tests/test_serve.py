@@ -15,7 +15,7 @@ from vllm_compat.golden import fixtures as golden
 from vllm_compat.golden import verify
 from vllm_compat.golden.fixtures import GOLDEN_DIR
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.cpu_only]  # compares with the CPU V0 fixtures
 MODEL = GOLDEN_DIR / "models/llama-fp32"
 
 

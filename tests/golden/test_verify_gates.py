@@ -13,7 +13,7 @@ from vllm_compat.golden import fixtures as golden
 from vllm_compat.golden import verify
 from vllm_compat.golden.fixtures import GOLDEN_DIR
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.cpu_only]  # compares with the CPU V0 fixtures
 FIXTURES, MODELS = GOLDEN_DIR / "fixtures", GOLDEN_DIR / "models"
 MODEL = "llama-fp32"
 REFS = {f.reference: f for f in golden.load_all(FIXTURES, MODELS) if f.model == MODEL}
