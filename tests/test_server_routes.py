@@ -37,7 +37,7 @@ MODELS = GOLDEN_DIR / "models"
 MODEL = MODELS / "llama-fp32"
 BASE = load_file(str(MODEL / "model.safetensors"))
 UPDATE = load_file(str(MODELS / "llama-fp32-update/model.safetensors"))
-STREAMS, MAX_TOKENS = 32, 384
+STREAMS, MAX_TOKENS = 32, 384  # the last one is a non-streaming request
 LIMIT = verify.THRESHOLDS["float32"]["max_abs_vs_trainer"]
 HEADER = {"X-VLLM-Compat-Weight-Versions": "1"}
 
@@ -97,6 +97,11 @@ for line in sys.stdin:
                post("/resume")]
     print(json.dumps(out), flush=True)
 """
+
+
+async def _aiter(items):
+    for item in items:
+        yield item
 
 
 def weight_set(alpha: float) -> dict[str, torch.Tensor]:
@@ -193,13 +198,19 @@ def rollout(tmp: Path, stock: bool) -> dict:
     try:
         assert trainer_line().strip() == "READY"
         status0 = http(port, "/vllm_compat/status")
+        bad_requests = [http(port, "/vllm_compat/update_weights", body)[0] for body in (
+            {"path": str(files[0.5]), "broadcast": "trainer"}, {"path": str(files[0.5]), "version": "1"},
+            {"path": str(files[0.5]), "nope": 1}, {"broadcast": "never-joined"}, {"path": str(tmp / "missing")})]
 
         async def stream(client, i):
             s = streams[i]
             out = await client.completions.create(
                 model="m", prompt=prompts[i], max_tokens=MAX_TOKENS, temperature=1.0, logprobs=0,
-                stream=True, extra_headers=HEADER,
+                stream=i < STREAMS - 1, extra_headers=HEADER,
                 extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+            if i == STREAMS - 1:  # non-streaming: the versions come on the choice
+                out.choices[0].finish_reason  # noqa: B018
+                out = _aiter([out])
             async for chunk in out:
                 s["id"] = chunk.id
                 for choice in chunk.choices:
@@ -219,7 +230,7 @@ def rollout(tmp: Path, stock: bool) -> dict:
             client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
             tasks = [asyncio.create_task(stream(client, i)) for i in range(STREAMS)]
             for kind, alpha, at in plan:
-                while min(len(s["tokens"]) for s in streams) < at:
+                while min(len(s["tokens"]) for s in streams[:-1]) < at:
                     assert not any(t.done() and t.exception() for t in tasks), [t.exception() for t in tasks if t.done()]
                     await asyncio.sleep(0.01)
                 if kind == "stock":
@@ -235,7 +246,7 @@ def rollout(tmp: Path, stock: bool) -> dict:
                     out = await trainer_say({"kind": "file" if kind == "refused" else kind, "path": str(path),
                                              "port": free_port(), "version": 3 if kind == "native" else len(results) + 1})
                     results.append((kind, alpha, out, None))
-                print(kind, "at", min(len(s["tokens"]) for s in streams), "tokens:", round(time.time() - t1, 2), "s")
+                print(kind, "at", min(len(s["tokens"]) for s in streams[:-1]), "tokens:", round(time.time() - t1, 2), "s")
             await asyncio.gather(*tasks)
             await client.close()
 
@@ -247,6 +258,7 @@ def rollout(tmp: Path, stock: bool) -> dict:
         trainer.kill()
         stop(server)
     return {"prompts": prompts, "streams": streams, "results": results, "status": (status0, status1),
+            "bad_requests": bad_requests,
             "seconds": {"server_start": started, "rollout": rollout_s}}
 
 
@@ -277,6 +289,7 @@ def test_routes_status_and_results(shim_run):
     assert code0 == 200 and status0["consistent"] and "weight_updates" in status0["applied"]
     assert status0["engine_processes"] and all(p["applied"] == status0["applied"] for p in status0["engine_processes"])
     assert status0["weight_version"] == 0 and status0["paused"] is False and status0["fenced"] is None
+    assert shim_run["bad_requests"] == [400, 400, 400, 409, 422]  # before the streams: nothing changed (version 1 next)
     (k1, _, (c1, r1), _), (k2, _, (c2, r2), _), (k3, _, (c3, r3), _), (k4, _, native, _) = shim_run["results"]
     assert (k1, c1, r1["version"]) == ("file", 200, 1) and r1["tensors"] == len(BASE)
     assert (k2, c2, r2["version"]) == ("broadcast", 200, 2) and r2["tensors"] == len(BASE)
