@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ for line in sys.stdin:
     cmd = json.loads(line)
     if cmd["kind"] == "file":
         out = post("/vllm_compat/update_weights", {"path": cmd["path"], "version": cmd["version"]})
-    elif cmd["kind"] == "broadcast":
+    elif cmd["kind"] == "join":  # before the streams start: joining is not an update
         joined = {}
         t = threading.Thread(target=lambda: joined.update(r=post("/vllm_compat/join_broadcast", {
             "host": "127.0.0.1", "port": cmd["port"], "name": "trainer", "backend": "gloo", "timeout_s": 60})))
@@ -76,7 +77,8 @@ for line in sys.stdin:
         bc = WeightBroadcaster("127.0.0.1", cmd["port"], num_engine_workers=1, backend="gloo",
                                timeout=timedelta(seconds=60))
         t.join()
-        assert joined["r"][0] == 200, joined
+        out = joined["r"]
+    elif cmd["kind"] == "broadcast":
         done = {}
         t = threading.Thread(target=lambda: done.update(r=post("/vllm_compat/update_weights", {
             "broadcast": "trainer", "version": cmd["version"], "timeout_s": 60})))
@@ -201,6 +203,15 @@ def rollout(tmp: Path, stock: bool) -> dict:
         bad_requests = [http(port, "/vllm_compat/update_weights", body)[0] for body in (
             {"path": str(files[0.5]), "broadcast": "trainer"}, {"path": str(files[0.5]), "version": "1"},
             {"path": str(files[0.5]), "nope": 1}, {"broadcast": "never-joined"}, {"path": str(tmp / "missing")})]
+        joined = None
+        if not stock:
+            trainer.stdin.write(json.dumps({"kind": "join", "port": free_port()}) + "\n")
+            trainer.stdin.flush()
+            joined = json.loads(trainer_line())
+        # Concurrent updates are serialised, not rejected (the checkpoint's own weights: nothing changes).
+        with ThreadPoolExecutor(4) as pool:
+            concurrent = list(pool.map(lambda _: http(port, "/vllm_compat/update_weights", {
+                "path": str(MODEL / "model.safetensors"), "version": 0}), range(4)))
 
         async def stream(client, i):
             s = streams[i]
@@ -259,7 +270,7 @@ def rollout(tmp: Path, stock: bool) -> dict:
         trainer.kill()
         stop(server)
     return {"prompts": prompts, "streams": streams, "results": results, "status": (status0, status1),
-            "bad_requests": bad_requests,
+            "bad_requests": bad_requests, "concurrent": concurrent, "joined": joined,
             "seconds": {"server_start": started, "rollout": rollout_s}}
 
 
@@ -291,13 +302,16 @@ def test_routes_status_and_results(shim_run):
     assert status0["engine_processes"] and all(p["applied"] == status0["applied"] for p in status0["engine_processes"])
     assert status0["weight_version"] == 0 and status0["paused"] is False and status0["fenced"] is None
     assert shim_run["bad_requests"] == [400, 400, 400, 409, 422]  # before the streams: nothing changed (version 1 next)
+    assert [(c, r["version"]) for c, r in shim_run["concurrent"]] == [(200, 0)] * 4
+    assert max(r["seconds"]["waited_for_lock"] for _, r in shim_run["concurrent"]) > 0.001  # one waited its turn
     (k1, _, (c1, r1), _), (k2, _, (c2, r2), _), (k3, _, (c3, r3), _), (k4, _, native, _) = shim_run["results"]
     assert (k1, c1, r1["version"]) == ("file", 200, 1) and r1["tensors"] == len(BASE)
     assert (k2, c2, r2["version"]) == ("broadcast", 200, 2) and r2["tensors"] == len(BASE)
     assert k3 == "refused" and c3 == 422 and r3["changed"] is False and any("shape" in r for r in r3["reasons"])
     assert k4 == "native" and [c for c, _ in native] == [200, 200, 200] and native[1][1]["version"] == 3
     assert code1 == 200 and status1["weight_version"] == 3 and status1["paused"] is False
-    assert status1["broadcast_groups"] == ["trainer"]
+    assert status1["broadcast_groups"] == ["trainer"] and shim_run["joined"][0] == 200
+    assert shim_run["joined"][1]["name"] == "trainer" and shim_run["joined"][1]["world_size"] == 2
     ids = {s["id"] for s in shim_run["streams"]}
     for k, r in zip(("file", "broadcast", "native"), (r1, r2, native[1][1])):
         # every stream was running at each update, keyed by the id the client sees
