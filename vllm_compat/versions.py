@@ -83,3 +83,20 @@ def abort_kwargs(abort) -> dict:
     import inspect
 
     return {"internal": True} if "internal" in inspect.signature(abort).parameters else {}
+
+
+def api_server_app_hook():
+    """(module, name) of a function every supported OpenAI server calls with its FastAPI app while
+    building it, looked up at call time (so replacing the module attribute reaches it):
+    ``vllm.entrypoints.serve.register_vllm_serve_api_routers(app)``, imported inside ``build_app``
+    (0.18.1) / ``register_api_routers`` (0.32). Older layouts: ``build_app`` of
+    ``vllm.entrypoints.openai.api_server`` (returns the app). Probed on the attributes."""
+    import importlib
+
+    try:
+        serve = importlib.import_module("vllm.entrypoints.serve")
+    except ImportError:
+        serve = None
+    if serve is not None and hasattr(serve, "register_vllm_serve_api_routers"):
+        return serve, "register_vllm_serve_api_routers"
+    return importlib.import_module("vllm.entrypoints.openai.api_server"), "build_app"

@@ -50,9 +50,54 @@ def patch(patcher) -> None:
         async for out in generate_original(self, *args, **kwargs):
             yield out
 
+    if is_api_server_process():
+        _patch_api_server(patcher)
+
     add_sync = patcher.replace(LLMEngine, "add_request", add_request, expect_params=["self", "request_id"])
     add_async = patcher.replace(AsyncLLM, "add_request", add_request_async, expect_params=["self", "request_id"])
     generate_original = patcher.replace(AsyncLLM, "generate", generate, expect_params=["self", "request_id"])
+
+
+_API_SERVER_MODULES = ("vllm.entrypoints.openai.api_server", "vllm.entrypoints.launchers.api_server.entry",
+                       "vllm.entrypoints.cli.serve")
+
+
+def is_api_server_process() -> bool:
+    """Whether this process runs (or is about to run) vLLM's OpenAI server: the plugin applies the
+    fixes there while the server parses its arguments, before the app is built. Engine processes
+    spawned from it may match too; there the patch is never called (no app is built)."""
+    import sys
+
+    main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None) or ""
+    return main in _API_SERVER_MODULES or any(m in sys.modules for m in _API_SERVER_MODULES) or (
+        len(sys.argv) > 1 and sys.argv[1] == "serve" and sys.argv[0].endswith("vllm"))
+
+
+def _patch_api_server(patcher) -> None:
+    """The HTTP routes (routes.py) join vLLM's app while it is built, and the API server's output
+    processor records the weight version each request starts with."""
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    from . import routes
+    from ... import versions
+
+    module, name = versions.api_server_app_hook()
+
+    def hook(*args, **kwargs):
+        result = original(*args, **kwargs)
+        routes.install(result if name == "build_app" else (args[0] if args else kwargs["app"]))
+        return result
+
+    def add_request(self, request, *args, **kwargs):
+        new = request.request_id not in self.request_states  # not a streaming-input continuation
+        result = add_original(self, request, *args, **kwargs)
+        state = self.request_states.get(request.request_id)
+        if new and state is not None:
+            routes.TRACKER.started(state)
+        return result
+
+    original = patcher.replace(module, name, hook, expect_params=["app"] if name != "build_app" else ["args"])
+    add_original = patcher.replace(OutputProcessor, "add_request", add_request, expect_params=["self", "request"])
 
 
 register(Fix(
