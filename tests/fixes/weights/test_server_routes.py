@@ -43,7 +43,7 @@ LIMIT = verify.THRESHOLDS["float32"]["max_abs_vs_trainer"]
 HEADER = {"X-VLLM-Compat-Weight-Versions": "1"}
 
 _load = importlib.util.spec_from_file_location(
-    "_weight_updates_load", Path(__file__).parent / "fixes/weights/test_weight_updates_load.py")
+    "_weight_updates_load", Path(__file__).parent / "test_weight_updates_load.py")
 load_test = importlib.util.module_from_spec(_load)
 _load.loader.exec_module(load_test)  # recompute() and hf_models(): the V0 recomputation of the load test
 
