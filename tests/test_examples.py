@@ -29,10 +29,3 @@ def test_server_logprobs(compat, meaning):
     proc = run_example(str(EXAMPLES / "server_logprobs.py"), "--compat", compat)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert meaning in proc.stdout
-
-
-def test_server_rl_loop():
-    """A trainer speaking only HTTP (+ the broadcast) to a `vllm serve` it starts, no dev mode."""
-    proc = run_example(str(EXAMPLES / "server_rl_loop.py"), "--steps", "2")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "done: 2 updates over HTTP, 2 of them with requests mid-generation" in proc.stdout
