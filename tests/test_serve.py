@@ -111,7 +111,10 @@ def _update_over_http(port: int) -> None:
     assert status["weight_version"] == 7 and status["consistent"] and status["paused"] is False, status
 
 
-@pytest.mark.parametrize("compat, parity, launcher", [("all", True, "vllm serve"), ("off", False, "module")])
+@pytest.mark.parametrize("compat, parity, launcher", [
+    ("all", True, "vllm serve"),
+    pytest.param("off", False, "module", marks=pytest.mark.stock_baseline),  # first CI row (ci/test.sh)
+])
 def test_served_logprobs_against_v0(compat, parity, launcher):
     fx = golden.load_fixture(GOLDEN_DIR / "fixtures/llama-fp32.v0.json")
     sc = next(s for s in fx.scenarios if s["name"] == "top_p_min_p")

@@ -7,7 +7,8 @@ import pytest
 from vllm_compat.golden import verify
 from vllm_compat.golden.fixtures import GOLDEN_DIR
 
-pytestmark = [pytest.mark.engine, pytest.mark.cpu_only]  # compares with the CPU V0 fixtures
+pytestmark = [pytest.mark.engine, pytest.mark.cpu_only,  # compares with the CPU V0 fixtures
+              pytest.mark.stock_baseline]  # stock V1 against V0: first CI row (ci/test.sh)
 
 MATCHING = ["greedy", "temp_1.0"]
 DIFFERING = ["temp_0.6", "top_p_min_p", "greedy_repetition_penalty", "penalties_and_filters",

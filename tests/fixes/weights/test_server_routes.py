@@ -337,6 +337,7 @@ def test_tokens_match_v0_recomputation(shim_run):
     assert worst["no_update"] > 100 * LIMIT and worst["reprefill"] > 100 * LIMIT
 
 
+@pytest.mark.stock_baseline  # shows the stock engine failing: first CI row (ci/test.sh)
 def test_stock_native_pause_reprefills(tmp_path):
     run = rollout(tmp_path, stock=True)
     check_streams(run)

@@ -41,6 +41,7 @@ def test_tied_head_is_refreshed_after_an_update():
     assert stale.vs["v0"]["topk_max_abs"] > 2.0  # 0.32: measured 3.6 stale vs 0.76 refreshed
 
 
+@pytest.mark.stock_baseline  # shows the stock engine failing: first CI row (ci/test.sh)
 def test_stock_pause_that_clears_caches_misses_v0(stock):
     """Companion of the golden update parity (test_shim_parity): vLLM's own pause with its
     default clear_cache=True (here the in-process engine core's pause_scheduler, which
