@@ -64,3 +64,26 @@ def test_shim_mismatch_far_below_stock(report):
     assert min(rec["mismatch_kl"] for rec in doc["arms"]["stock"]) > 10 * worst("shim")
     # Stock's raw logprobs (no temperature, no top-k/top-p) also push GSPO's ratio outside the clip.
     assert sum(r["clip_fraction"] for r in doc["arms"]["stock"]) > sum(r["clip_fraction"] for r in doc["arms"]["shim"])
+
+
+def _runs(values_by_seed: list[list[float]], metric="mismatch_kl"):
+    base = {"mismatch_kl": 1e-3, "clip_fraction": 0.0, "abs_log_ratio": 0.03, "entropy": 1.8, "reward": 0.4}
+    return [{"seed": s, "records": [dict(base, **{metric: v}) for v in vals]} for s, vals in enumerate(values_by_seed)]
+
+
+def test_gates_band_rules():
+    """The gate arithmetic on made-up curves (no engine): V0's band, one-sided for mismatch metrics,
+    not evaluated (None) without a V0 arm."""
+    from vllm_compat.golden.rl_parity import gates
+
+    v0 = _runs([[1e-3, 2e-3], [2e-3, 3e-3]])
+    shim_low = _runs([[1e-4, 1e-4]])     # below V0's band: fine for a mismatch metric
+    shim_high = _runs([[1e-3, 9e-3]])    # above V0's max + slack at step 1
+    stock = _runs([[0.03, 0.04]])
+    g, _ = gates({"v0": v0, "shim": shim_low, "stock": stock})
+    assert g["shim_inside_v0_band:mismatch_kl"] is True and g["stock_leaves_v0_band:mismatch_kl"] is True
+    g, _ = gates({"v0": v0, "shim": shim_high, "stock": stock})
+    assert g["shim_inside_v0_band:mismatch_kl"] is False
+    g, details = gates({"shim": shim_low, "stock": stock, "shim-minus-defaults": _runs([[1e-4, 2e-4]])})
+    assert g["shim_inside_v0_band:reward"] is None and "not evaluated" in details["shim_inside_v0_band:reward"]
+    assert g["stock_mismatch_kl_far_above_shim"] is True and g["ablation_moves:defaults:mismatch_kl"] is False
