@@ -15,7 +15,7 @@ V1's prefix cache serves it across steps) followed by ``<target> t1 t0 <answer>`
 writes 6 tokens, read as digits (token ids 48..57, the ASCII digits of the tiny vocabulary);
 reward = max(0, 1 - |sum of digits - target| / 15) x (share of digit tokens), in [0, 1].
 The bundled bf16 ``qwen2-tied-bf16`` (tied lm_head: the head matters for updates) gets a short
-supervised warm start (uniformly random digits after ``<answer>``, so reward starts ~0.6 and
+supervised warm start (uniformly random digits after ``<answer>``, so reward starts ~0.4 and
 the target-conditional part is left to RL), built once and cached.
 
 Each step: G prompts x a group of n requests sharing the prompt (seeded, T=0.7, top_k=8,
@@ -292,8 +292,7 @@ class V1Engine:
 
 def native_reload(llm, weights: dict) -> None:
     """Stock V1's in-place reload (what users do without the shim), as verify's stock side does."""
-    from .verify import native_load_update  # noqa: F401  (same mechanism; tensors here, not a file)
-    from .. import versions
+    from .. import versions  # the same mechanism as verify.native_load_update, from tensors, not a file
 
     items = list(weights.items())
 
@@ -515,7 +514,12 @@ def warm_start(base_dir: Path, cache_root: Path | None = None) -> Path:
         opt.step()
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
-    os.replace(tmp, out) if not out.exists() else None
+    try:
+        os.rename(tmp, out)  # atomic: a concurrent build of the same inputs may have won (same bytes)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
