@@ -433,7 +433,7 @@ def train_step(trainer: "Trainer", requests: list[dict], results: list[dict], ve
         early = torch.arange(new_lp.shape[1])[None, :] < n_before[:, None]
         behaviour = torch.where(early, prev_lp, behaviour)
     # k3 estimator of KL(rollout || trainer) on tokens drawn from the rollout policy.
-    d = (behaviour - rollout_lp).clamp(-20, 20)  # a token the trainer masks: -inf, counted as 20 nats
+    d = (behaviour - rollout_lp).clamp(-20, 20)  # guard: the trainer keeps every sampled token, so no -inf
     k3 = (d.exp() - 1 - d)
     rewards = torch.tensor([reward(c, r["target"]) for c, r in zip(comps, requests)])
     groups = torch.tensor([r["group"] for r in requests])
