@@ -13,7 +13,7 @@ cd "$root"
 # 0.24.0's, is a recorded run for rows other than the first): they run on the first row only, which
 # keeps .ci/run inside its budget; ci/matrix.md records their runs on other rows.
 FIRST_ROW_ONLY=(tests/tools/test_cli.py tests/golden/test_verify_plot.py tests/test_examples.py
-                tests/tools/test_gpu_check.py tests/tools/test_patches.py)
+                tests/tools/test_gpu_check.py tests/tools/test_patches.py tests/golden/test_rl_parity.py)
 rows=("$@")
 [ ${#rows[@]} -gt 0 ] || rows=(0.32.0 0.18.1)
 venv_of() { if [ "$1" = 0.32.0 ]; then echo .venv; else echo ".venv-$1"; fi; }

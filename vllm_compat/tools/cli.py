@@ -1,4 +1,4 @@
-"""Command line: ``vllm-compat status | verify | bench | patches``."""
+"""Command line: ``vllm-compat status | verify | bench | patches | rl-parity``."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +37,7 @@ def reserve_stdout_for_json() -> None:
 _json_stdout_reserved = False
 
 
-QUIET_COMMANDS = ("verify", "bench", "status")
+QUIET_COMMANDS = ("verify", "bench", "status", "rl-parity")
 
 
 def _state():
@@ -192,6 +192,18 @@ def main(argv=None) -> int:
                                         "(default: $VLLM_COMPAT_V0_PYTHON)")
     b.add_argument("--json", action="store_true")
     b.add_argument("-v", "--verbose", action="store_true", help="show vLLM's logs (default: into a log file)")
+    r = sub.add_parser("rl-parity", help="GSPO on a small task with V0, stock V1, V1+shim and one arm per fix left "
+                                         "out: mismatch KL, clip fraction, |log ratio|, entropy, reward per step "
+                                         "(see vllm_compat/golden/rl_parity.py)")
+    r.add_argument("--steps", type=int, default=12)
+    r.add_argument("--arms", help="comma list of v0, stock, shim, shim-minus-{defaults,logprobs,weight_updates,"
+                                  "lm_head_fp32} (default: all; v0 only with --v0-python)")
+    r.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2)")
+    r.add_argument("--json", dest="json_out", metavar="OUT.json", help="per arm, per-step records; the gates")
+    r.add_argument("--plot", metavar="OUT.png", help="one panel per metric, arms overlaid, reference band shaded")
+    r.add_argument("--v0-python", help="python of a vLLM 0.8.5 environment (ci/v0/install.sh) for the v0 arm "
+                                        "(default: $VLLM_COMPAT_V0_PYTHON)")
+    r.add_argument("-v", "--verbose", action="store_true", help="show vLLM's logs (default: into a log file)")
     p = sub.add_parser("patches", help="the upstream-style patch series in patches/ (see vllm_compat/tools/patches/)")
     psub = p.add_subparsers(dest="patches_cmd", required=True)
     pl = psub.add_parser("list", help="each version's series: patch, subject, upstream status")
@@ -222,6 +234,10 @@ def main(argv=None) -> int:
         from ..golden.verify import main as verify_main
 
         return verify_main(args)
+    if args.cmd == "rl-parity":
+        from ..golden.rl_parity import main as rl_parity_main
+
+        return rl_parity_main(args)
     if args.cmd == "patches":
         if getattr(args, "sdist", None) and not args.version:
             ap.error("--sdist needs --version")
