@@ -3,6 +3,7 @@ per-version switch the fixes use. A fix asks a question here; it never compares 
 itself."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 from packaging.specifiers import SpecifierSet
@@ -33,6 +34,46 @@ def require_supported() -> Version:
         raise UnsupportedVersion(f"vllm-compat supports vLLM {SUPPORTED} (V1 engine); installed: {v}. "
                                  f"Use vllm_compat.apply(strict=False) to continue without fixes.")
     return v
+
+
+# ---- releases with a recorded green `vllm-compat verify` run ----------------------------
+# Every scenario passed (58/58) with the shim, on this exact release: the lock rows and the
+# per-release runs of ci/verify_release.sh, recorded in ci/matrix.md ("Every minor release").
+# A release in SUPPORTED but not here is refused by apply(strict=True) and warned about with
+# strict=False (fixes applied); VLLM_COMPAT_UNVERIFIED=warn turns the refusal into the warning
+# for this process and the engine processes it starts (the `vllm-compat verify` and `status`
+# commands set it: verify is how a release gets its record).
+VERIFIED = frozenset(Version(v) for v in (
+    "0.15.1", "0.18.1", "0.24.0", "0.32.0",
+))
+ENV_UNVERIFIED = "VLLM_COMPAT_UNVERIFIED"
+
+
+class UnverifiedVersion(UnsupportedVersion):
+    """In the supported range, but no green verify run of this release is recorded."""
+
+
+def is_verified(v: Version | None = None) -> bool:
+    return Version((v or vllm_version()).base_version) in VERIFIED
+
+
+def nearest_verified(v: Version) -> list[Version]:
+    """The verified releases next to ``v``: the closest below and the closest above (one of
+    them where ``v`` lies outside the verified ones)."""
+    below = [x for x in VERIFIED if x < v]
+    above = [x for x in VERIFIED if x > v]
+    return ([max(below)] if below else []) + ([min(above)] if above else [])
+
+
+def unverified_message(v: Version) -> str:
+    near = " and ".join(str(x) for x in nearest_verified(v))
+    return (f"vllm-compat: vLLM {v} has no recorded green `vllm-compat verify` run (nearest verified: {near}; "
+            f"all: {', '.join(str(x) for x in sorted(VERIFIED))}; ci/matrix.md). Run `vllm-compat verify` on it; "
+            f"apply(strict=False) or {ENV_UNVERIFIED}=warn applies the fixes with a warning instead.")
+
+
+def unverified_allowed() -> bool:
+    return os.environ.get(ENV_UNVERIFIED, "").lower() in ("warn", "1", "true", "yes")
 
 
 # ---- per-version switches ----------------------------------------------------------
