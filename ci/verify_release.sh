@@ -6,7 +6,8 @@
 #         checkout is reinstalled), so a fix can be re-verified without a rebuild.
 #   env:  OUT (default ${TMPDIR:-/tmp}/vllm-compat-releases): summary.txt, VERSION-{shim,stock}.json,
 #         VERSION-build.log; RM_VENV=1 deletes VENV afterwards; NO_STOCK=1 skips the stock run;
-#         BUILD_ONLY=1 only builds (a later run without it verifies and reports that build's time).
+#         BUILD_ONLY=1 only builds (a later run without it verifies and reports that build's time);
+#         VERIFY_ARGS: more arguments for both verify runs (0.16.0: "--engine-arg block_size=16", ci/matrix.md).
 # Unlike ci/install.sh's lock rows this does not pin an exact lock: pip resolves the release's own
 # Requires-Dist (read from its wheel) on the day, with
 #   - `torch==X+cpu` kept where pip can find that wheel (find-links), else replaced by PyPI's `torch==X`
@@ -117,7 +118,7 @@ fi
 run_verify() {   # run_verify NAME [ENV=VALUE...]
   local name="$1"; shift
   env ${preload:+LD_PRELOAD="$preload"} VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" "$@" \
-    "$venv/bin/vllm-compat" verify --json > "$out/$version-$name.json" 2>>"$out/$version-$name.err" || true
+    "$venv/bin/vllm-compat" verify --json ${VERIFY_ARGS:-} > "$out/$version-$name.json" 2>>"$out/$version-$name.err" || true
 }
 t0=$(date +%s)
 run_verify shim
@@ -166,6 +167,7 @@ print(f"$(date -u +%Y-%m-%d) vllm-cpu {version('vllm-cpu')} torch {torch.__versi
       f"stock-fails {stock_fails} build ${build_s}s shim ${shim_s}s stock ${stock_s}s")
 EOF
 )"
+line="$line${VERIFY_ARGS:+ verify-args: $VERIFY_ARGS}"
 echo "$line"
 echo "$line" >> "$out/summary.txt"
 if [ "${RM_VENV:-0}" = 1 ]; then rm -rf "$venv"; fi
