@@ -66,7 +66,8 @@ def print_status(as_json: bool) -> int:
         print(json.dumps(st, indent=1))
         return 0
     print(f"vLLM {st['vllm']} ({'supported' if st['supported'] else 'NOT supported'}; "
-          f"vllm-compat supports {st['supported_range']})")
+          f"vllm-compat supports {st['supported_range']}; "
+          f"{'a verified release' if st['verified'] else 'NO recorded green verify run of this release'})")
     print(f"selection from {ENV_REQUEST}={os.environ.get(ENV_REQUEST, 'all')!r}; "
           f"plugin {'registered' if st['plugin_registered'] else 'NOT registered'} (vllm.general_plugins)")
     for name, fix in FIXES.items():
