@@ -1,5 +1,5 @@
 """No silent bypass: engine settings that route around a fix are refused when the engine is
-created (speculative decoding; LoRA with the fp32 head before vLLM 0.28), and check() refuses a
+created (speculative decoding; LoRA with the fp32 head before vLLM 0.26), and check() refuses a
 worker running Model Runner V2 while a sampler fix is active."""
 import pytest
 
@@ -33,7 +33,7 @@ def test_stock_does_not_refuse_speculative_decoding(stock):
 
 def test_lora_with_the_patched_fp32_head_is_refused(shim):
     if versions.has_native_head_dtype():
-        pytest.skip("vLLM >= 0.28 computes the fp32 head itself (head_dtype), LoRA included")
+        pytest.skip("vLLM >= 0.26 computes the fp32 head itself (head_dtype), LoRA included")
     with pytest.raises(BypassRefused, match="LogitsProcessorWithLoRA"):
         engine_config(enable_lora=True)
 

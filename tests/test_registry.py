@@ -79,6 +79,34 @@ def test_unsupported_version_is_refused(monkeypatch):
     assert vllm_compat.apply(strict=False)["applied"] == []  # warning, no-op
 
 
+def test_unverified_release_is_refused_naming_the_nearest_verified(monkeypatch, caplog):
+    from packaging.version import Version
+
+    vllm_compat.apply(include=[])
+    monkeypatch.delenv(versions.ENV_UNVERIFIED, raising=False)
+    monkeypatch.setattr(versions, "VERIFIED", frozenset(Version(v) for v in ("0.15.1", "0.18.1", "0.24.0")))
+    monkeypatch.setattr(versions, "vllm_version", lambda: Version("0.19.0"))
+    assert versions.is_supported() and not versions.is_verified()
+    assert versions.nearest_verified(Version("0.19.0")) == [Version("0.18.1"), Version("0.24.0")]
+    assert versions.nearest_verified(Version("0.33.0")) == [Version("0.24.0")]
+    with pytest.raises(versions.UnverifiedVersion, match=r"0\.19\.0 has no recorded green.*0\.18\.1 and 0\.24\.0"):
+        vllm_compat.apply()
+    assert vllm_compat.applied() == []
+    assert isinstance(versions.UnverifiedVersion("x"), versions.UnsupportedVersion)
+    registry._state.warned_unverified.discard(Version("0.19.0"))
+    with caplog.at_level("WARNING", logger=registry.logger.name):
+        assert vllm_compat.apply(include=["defaults"], strict=False)["applied"] == ["defaults"]  # warning, applied
+    assert "nearest verified: 0.18.1 and 0.24.0" in caplog.text
+    assert vllm_compat.status()["verified"] is False
+    vllm_compat.apply(include=[])
+    monkeypatch.setenv(versions.ENV_UNVERIFIED, "warn")  # what `vllm-compat verify` sets
+    assert vllm_compat.apply(include=["defaults"])["applied"] == ["defaults"]
+    vllm_compat.apply(include=[])
+    monkeypatch.setattr(versions, "vllm_version", lambda: Version("0.24.0"))  # verified: no refusal
+    monkeypatch.delenv(versions.ENV_UNVERIFIED)
+    assert vllm_compat.apply(include=["defaults"])["applied"] == ["defaults"] and vllm_compat.status()["verified"]
+
+
 def test_moved_internals_are_refused_and_leave_nothing_patched():
     class Target:
         def method(self, a):

@@ -105,6 +105,7 @@ class _State:
     skipped: dict[str, str] = field(default_factory=dict)     # fix name -> reason
     engine_hook: Patcher | None = None
     plugin_loaded: bool = False
+    warned_unverified: set = field(default_factory=set)  # releases warned about (versions.VERIFIED)
 
 
 FIXES: dict[str, Fix] = {}
@@ -144,7 +145,10 @@ def apply(include: Iterable[str] | None = None, exclude: Iterable[str] = (), str
     """Make exactly the selection active in this process (default: the default fixes).
 
     Idempotent; fixes leaving the selection are reverted. Unsupported vLLM: raises
-    UnsupportedVersion (strict) or warns and applies nothing. A fix that fails to apply
+    UnsupportedVersion (strict) or warns and applies nothing. A supported release with no
+    recorded green verify run (versions.VERIFIED): UnverifiedVersion (strict, unless
+    VLLM_COMPAT_UNVERIFIED=warn) naming the nearest verified releases, or a warning and the
+    fixes applied. A fix that fails to apply
     (targets moved) is skipped with a warning (strict=False), or (strict) the whole call is
     undone -- the previous selection active again, ENV_ACTIVE as it was -- and
     InternalsMoved("fix <name>: ...") raised from the fix's error. Change the selection
@@ -163,6 +167,13 @@ def apply(include: Iterable[str] | None = None, exclude: Iterable[str] = (), str
                 raise
             logger.warning("vllm-compat: unsupported vLLM %s; no fixes applied", versions.vllm_version())
             wanted, version = [], None
+    if version is not None and not versions.is_verified(version):
+        message = versions.unverified_message(version)
+        if strict and not versions.unverified_allowed():
+            raise versions.UnverifiedVersion(message)
+        if version not in _state.warned_unverified:  # once per process
+            _state.warned_unverified.add(version)
+            logger.warning("%s", message)
     exported = os.environ.get(ENV_ACTIVE)
     try:
         _apply_selection(wanted, version, strict)
@@ -252,10 +263,12 @@ def status() -> dict:
     try:
         version = str(versions.vllm_version())
         supported = versions.is_supported()
+        verified = versions.is_verified()
     except ImportError:
-        version, supported = None, False
+        version, supported, verified = None, False, False
     return {
         "vllm": version, "supported_range": str(versions.SUPPORTED), "supported": supported,
+        "verified": verified, "verified_releases": [str(v) for v in sorted(versions.VERIFIED)],
         "applied": applied(), "skipped": dict(_state.skipped), "pid": os.getpid(),
         "plugin_loaded": _state.plugin_loaded,
         "fixes": {n: {"summary": f.summary, "default": f.default, "supported": f.supported,

