@@ -97,6 +97,9 @@ def test_unverified_release_is_refused_naming_the_nearest_verified(monkeypatch, 
     with caplog.at_level("WARNING", logger=registry.logger.name):
         assert vllm_compat.apply(include=["defaults"], strict=False)["applied"] == ["defaults"]  # warning, applied
     assert "nearest verified: 0.18.1 and 0.24.0" in caplog.text
+    # engine processes started from here inherit the acceptance (their plugin applies strictly)
+    assert os.environ.get(versions.ENV_UNVERIFIED) == "warn"
+    monkeypatch.delenv(versions.ENV_UNVERIFIED)
     assert vllm_compat.status()["verified"] is False
     vllm_compat.apply(include=[])
     monkeypatch.setenv(versions.ENV_UNVERIFIED, "warn")  # what `vllm-compat verify` sets

@@ -171,6 +171,9 @@ def apply(include: Iterable[str] | None = None, exclude: Iterable[str] = (), str
         message = versions.unverified_message(version)
         if strict and not versions.unverified_allowed():
             raise versions.UnverifiedVersion(message)
+        # Accepted here (strict=False): the engine processes this one starts apply the same selection
+        # through the plugin, strictly; they inherit the decision instead of refusing the release.
+        os.environ.setdefault(versions.ENV_UNVERIFIED, "warn")
         if version not in _state.warned_unverified:  # once per process
             _state.warned_unverified.add(version)
             logger.warning("%s", message)
