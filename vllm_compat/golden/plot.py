@@ -81,7 +81,7 @@ def side_data(rows, applied: list[str], engine_args: dict | None = None) -> dict
     """One side (one fix selection) of the plot from verify's rows, JSON-serialisable."""
     import vllm
 
-    from . import __file__ as package_file
+    from .. import __file__ as package_file  # the vllm_compat package, as the parent checks
 
     out_rows = []
     for r in rows:
