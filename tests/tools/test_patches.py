@@ -169,6 +169,7 @@ def patched_run(patched_dir, tmp_path_factory):
 
 @pytest.mark.engine
 @pytest.mark.cpu_only  # the patched package against the CPU V0 fixtures
+@pytest.mark.slow_sweep  # 3 verify runs (~6 min): a recorded run (ci/matrix.md), not in .ci/run
 def test_patched_vllm_passes_golden_with_the_shim_off(patched_run, patched_dir):
     assert patched_run["vllm_file"].startswith(str(patched_dir)), patched_run["vllm_file"]
     rows = patched_run["rows"]
@@ -181,6 +182,7 @@ def test_patched_vllm_passes_golden_with_the_shim_off(patched_run, patched_dir):
 
 @pytest.mark.engine
 @pytest.mark.cpu_only  # the patched package against the CPU V0 fixtures
+@pytest.mark.slow_sweep  # 3 verify runs (~6 min): a recorded run (ci/matrix.md), not in .ci/run
 def test_patched_vllm_equals_the_shim(patched_run, tmp_path):
     shim = _run_verify(tmp_path, "shim", {}, None, "all")
     assert not shim["vllm_file"].startswith(str(tmp_path))
@@ -194,6 +196,7 @@ def test_patched_vllm_equals_the_shim(patched_run, tmp_path):
 
 @pytest.mark.engine
 @pytest.mark.cpu_only  # the patched package against the CPU V0 fixtures
+@pytest.mark.slow_sweep  # 3 verify runs (~6 min): a recorded run (ci/matrix.md), not in .ci/run
 def test_patched_vllm_without_the_argument_is_stock(patched_dir, tmp_path):
     """Companion: the patches change nothing unless asked, so the comparison fails."""
     run = _run_verify(tmp_path, "patched-no-arg", {}, str(patched_dir), "off",
