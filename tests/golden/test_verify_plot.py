@@ -37,7 +37,7 @@ def run(tmp_path_factory):
     env["VLLM_COMPAT"] = "all"  # this run: the shim; its child: VLLM_COMPAT=off
     env.pop("VLLM_COMPAT_ACTIVE", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    cmd = [sys.executable, "-m", "vllm_compat.tools.cli", "verify", "--model", MODEL,
+    cmd = [sys.executable, "-m", "vllm_compat_cli", "verify", "--model", MODEL,
            "--plot", str(out / "verify.png"), "--plot-data", str(out / "verify.json")]
     for s in SCENARIOS:
         cmd += ["--scenario", s]

@@ -20,7 +20,7 @@ def test_verify_json_stdout_is_only_json(how):
     env.pop("VLLM_LOGGING_STREAM", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     head = [str(Path(sys.executable).with_name("vllm-compat"))] if how == "script" else \
-        [sys.executable, "-m", "vllm_compat.tools.cli"]
+        [sys.executable, "-m", "vllm_compat_cli"]
     proc = subprocess.run(head + ["verify", "--json", "--model", "llama-fp32", "--scenario", "greedy"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -47,7 +47,7 @@ def _env():
 def test_verify_report_is_readable():
     """Without --json: header, rows and summary on stdout, vLLM's logs in the file the header
     names, the progress bar on stderr."""
-    proc = subprocess.run([sys.executable, "-m", "vllm_compat.tools.cli", "verify", "--model", "llama-fp32",
+    proc = subprocess.run([sys.executable, "-m", "vllm_compat_cli", "verify", "--model", "llama-fp32",
                            "--scenario", "greedy"], env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
@@ -61,7 +61,7 @@ def test_verify_report_is_readable():
 
 
 def test_status_logs_go_to_a_file():
-    proc = subprocess.run([sys.executable, "-m", "vllm_compat.tools.cli", "status"], env=_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "vllm_compat_cli", "status"], env=_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("vLLM ") and "INFO" not in proc.stdout and "INFO" not in proc.stderr
