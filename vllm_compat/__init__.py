@@ -10,6 +10,8 @@ import inspect
 from . import fixes as _fixes  # noqa: F401  (registers the fixes)
 from .registry import InternalsMoved, apply, apply_from_env, applied, parse_selection, status  # noqa: F401
 from .versions import UnsupportedVersion  # noqa: F401
+from .fixes.support import sampled_support  # noqa: F401
+from .trainer import SampledSupport  # noqa: F401
 from .fixes.weights.transport import TransportSpec, WeightBroadcaster, WorkerTransport  # noqa: F401
 from .fixes.weights import (BroadcastGroup, EngineFenced, WeightUpdateError, WeightUpdateIncomplete,  # noqa: F401
                             WeightUpdateResult, WeightUpdateTimeout, join_weight_broadcast, last_update,

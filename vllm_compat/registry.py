@@ -43,6 +43,7 @@ class Fix:
     patch: Callable[["Patcher"], None] | None = None
     configure: Callable[[Any], None] | None = None
     default: bool = True
+    requires: tuple[str, ...] = ()  # fixes it builds on: without them it is skipped (with the reason)
 
     def supports(self, v) -> bool:
         from packaging.specifiers import SpecifierSet
@@ -212,6 +213,10 @@ def _apply_selection(wanted: list[str], version, strict: bool) -> None:
             if not fix.supports(version):
                 _state.skipped[name] = f"not needed/available on vLLM {version} (supported: {fix.supported})"
                 continue
+            missing = [r for r in fix.requires if r not in _state.active]
+            if missing:
+                _state.skipped[name] = f"needs {', '.join(missing)}, which is not active"
+                continue
             patcher = Patcher()
             try:
                 if fix.patch is not None:
@@ -248,10 +253,21 @@ def _apply_selection(wanted: list[str], version, strict: bool) -> None:
 def apply_from_env() -> dict:
     """What ``import vllm_compat`` and the plugin do. A parent's exact selection
     (VLLM_COMPAT_ACTIVE) wins over the user's request (VLLM_COMPAT)."""
+    if not _vllm_installed():  # a trainer-only process (vllm_compat.trainer): nothing to patch
+        return status()
     if ENV_ACTIVE in os.environ:
         names = [n for n in os.environ[ENV_ACTIVE].split(",") if n]
         return apply(include=names)
     return apply(include=parse_selection(os.environ.get(ENV_REQUEST)))
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def applied() -> list[str]:

@@ -381,6 +381,46 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, -float("inf"))
 
 
+def v0_unfiltered_logits(logits: torch.Tensor, specs: Sequence[SamplingSpec],
+                         prompt_tokens: Sequence[Sequence[int]] | None = None,
+                         output_tokens: Sequence[Sequence[int]] | None = None,
+                         param_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """V0's steps before temperature and the filters: logits processors and min_tokens, then
+    penalties (in the logits' dtype), then the fp32 cast. Arguments as in v0_processed_logprobs."""
+    rows, vocab = logits.shape
+    pdt = param_dtype or torch.float32
+    if any(s.has_processors for s in specs):
+        logits = apply_logits_processors(logits, specs, [len(o) for o in output_tokens] if output_tokens
+                                         else [0] * rows)
+    if prompt_tokens is not None and any(s.has_penalties for s in specs):
+        out = output_tokens or [[] for _ in range(rows)]
+
+        def col(values) -> torch.Tensor:  # fp32 first, then pdt: V0's rounding, whatever pdt is
+            return _from_host(values, torch.float32, logits.device).to(pdt)
+
+        logits = apply_penalties(logits, bin_counts(prompt_tokens, vocab, logits.device),
+                                 bin_counts(out, vocab, logits.device),
+                                 col([s.repetition_penalty for s in specs]),
+                                 col([s.frequency_penalty for s in specs]),
+                                 col([s.presence_penalty for s in specs]))
+    return logits.to(torch.float32)
+
+
+def v0_scaled_logits(logits: torch.Tensor, specs: Sequence[SamplingSpec],
+                     prompt_tokens: Sequence[Sequence[int]] | None = None,
+                     output_tokens: Sequence[Sequence[int]] | None = None,
+                     param_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """V0's fp32 logits divided by the temperature, before top-k, top-p and min-p: the values
+    whose log_softmax over the kept set is the processed distribution (those filters only mask).
+    Arguments as in v0_processed_logprobs."""
+    logits = v0_unfiltered_logits(logits, specs, prompt_tokens, output_tokens, param_dtype)
+    temp_values = [1.0 if s.greedy else s.temperature for s in specs]
+    if all(t == 1.0 for t in temp_values):
+        return logits
+    temps = _from_host(temp_values, torch.float32, logits.device).to(param_dtype or torch.float32)
+    return logits / temps.to(torch.float32).unsqueeze(1)
+
+
 def v0_processed_logprobs(logits: torch.Tensor, specs: Sequence[SamplingSpec],
                           prompt_tokens: Sequence[Sequence[int]] | None = None,
                           output_tokens: Sequence[Sequence[int]] | None = None,
@@ -399,17 +439,7 @@ def v0_processed_logprobs(logits: torch.Tensor, specs: Sequence[SamplingSpec],
     def col(values) -> torch.Tensor:  # fp32 first, then pdt: V0's rounding, whatever pdt is
         return _from_host(values, torch.float32, logits.device).to(pdt)
 
-    if any(s.has_processors for s in specs):
-        logits = apply_logits_processors(logits, specs, [len(o) for o in output_tokens] if output_tokens
-                                         else [0] * rows)
-    if prompt_tokens is not None and any(s.has_penalties for s in specs):
-        out = output_tokens or [[] for _ in range(rows)]
-        logits = apply_penalties(logits, bin_counts(prompt_tokens, vocab, logits.device),
-                                 bin_counts(out, vocab, logits.device),
-                                 col([s.repetition_penalty for s in specs]),
-                                 col([s.frequency_penalty for s in specs]),
-                                 col([s.presence_penalty for s in specs]))
-    logits = logits.to(torch.float32)
+    logits = v0_unfiltered_logits(logits, specs, prompt_tokens, output_tokens, param_dtype)
     temp_values = [1.0 if s.greedy else s.temperature for s in specs]
     temps = col(temp_values).to(torch.float32)
     with_min_p = any(s.min_p > 0 for s in specs)

@@ -83,6 +83,17 @@ def _apply_rounded(processor, logits, rounded):
         processor.min_p = exact
 
 
+SUPPORT_CAPTURE = "vllm_compat_support_capture"
+
+
+def _capture_support(sampler, logits: torch.Tensor) -> None:
+    """Hand the rows the logprobs come from (their finite entries: the kept set) to the ``support``
+    fix, which sets this hook on the sampler for a step where a request asked for them."""
+    capture = sampler.__dict__.get(SUPPORT_CAPTURE)
+    if capture is not None:
+        capture(logits)
+
+
 def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
     md = sampling_metadata
     mode = logprobs_mode_override or self.logprobs_mode
@@ -90,6 +101,7 @@ def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
         md.max_num_logprobs is not None or bool(getattr(md, "logprob_token_ids", None)))
     greedy = None if md.all_random else self.greedy_sample(logits)
     if md.all_greedy:
+        _capture_support(self, logits)
         return greedy, (_processed_output(logits, mode) if want else None)
     # Set by the opt-in v0_bf16_params fix: V0 materialised the parameters in the logits dtype.
     pdt = getattr(self, "v0_param_dtype", None)
@@ -102,6 +114,7 @@ def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
         logits = apply_top_k_top_p(logits, k, p if pdt is None else p.to(pdt))  # 1 - p in pdt, as V0
     for processor in md.logitsprocs.argmax_invariant:  # min-p, after top-k/top-p as in V0
         logits = _apply_rounded(processor, logits, rounded) if pdt is not None else processor.apply(logits)
+    _capture_support(self, logits)
     # The draw: vLLM's own sampler over the already-filtered distribution; on CPU, seeded
     # rows get V0's exponential race instead (vLLM's CPU draw is a fused Gumbel kernel).
     emulate = bool(md.generators) and logits.device.type == "cpu"

@@ -302,5 +302,7 @@ def commit(worker) -> dict:
     runner = worker.model_runner
     in_flight = {rid: len(state.output_token_ids) for rid, state in getattr(runner, "requests", {}).items()}
     load(worker, staged.received.tensors, staged.plan)
+    # The policy version the `support` fix stamps on each sampled token (updates committed so far).
+    runner.vllm_compat_weight_version = getattr(runner, "vllm_compat_weight_version", 0) + 1
     return {"tensors": len(staged.plan.direct) + len(staged.plan.layerwise), "bytes": staged.received.nbytes,
             "in_flight": in_flight}
