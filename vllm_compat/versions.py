@@ -151,3 +151,15 @@ def api_server_app_hook():
     if serve is not None and hasattr(serve, "register_vllm_serve_api_routers"):
         return serve, "register_vllm_serve_api_routers"
     return importlib.import_module("vllm.entrypoints.openai.api_server"), "build_app"
+
+
+def serving_completion_class():
+    """OpenAIServingCompletion: ``vllm.entrypoints.openai.completion.serving`` (0.18+), before that
+    ``vllm.entrypoints.openai.serving_completion``."""
+    import importlib
+
+    try:
+        module = importlib.import_module("vllm.entrypoints.openai.completion.serving")
+    except ImportError:
+        module = importlib.import_module("vllm.entrypoints.openai.serving_completion")
+    return module.OpenAIServingCompletion

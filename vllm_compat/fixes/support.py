@@ -152,8 +152,52 @@ def sampled_support(completion) -> SampledSupport | None:
     return found
 
 
+# ---- the OpenAI server (API server process only) ---------------------------------------------
+# A request asks with ``vllm_xargs: {"vllm_compat_support": 1}`` (extra_body of the openai client);
+# each choice of a non-streaming /v1/completions response then carries ``vllm_compat_support``:
+# SampledSupport.to_json() (ids as base64 little-endian int32, complement flags, weight versions).
+
+def _choice_supports(final_outputs) -> list:
+    """Per response choice, in vLLM's order (requests, then their outputs by index): the JSON support,
+    its weight versions as this server reports them (the update route's versions)."""
+    from .weights.routes import TRACKER
+
+    found = []
+    for res in final_outputs:
+        for c in sorted(res.outputs, key=lambda c: c.index):
+            s = getattr(c, OUTPUT_ATTR, None)
+            if s is not None:
+                s = s.to_json()
+                s["weight_version"] = [TRACKER.labels.get(v, v) for v in s["weight_version"]]
+            found.append(s)
+    return found
+
+
+def _attach(response, supports: list) -> None:
+    choices = getattr(response, "choices", None)
+    if not choices or len(choices) != len(supports):
+        return
+    for choice, s in zip(choices, supports):
+        if s is not None:
+            setattr(choice, OUTPUT_ATTR, s)  # vLLM's response models allow extra fields
+
+
+def _completion_response(self, final_res_batch, *args, **kwargs):
+    response = completion_response_original(self, final_res_batch, *args, **kwargs)
+    _attach(response, _choice_supports(final_res_batch))
+    return response
+
+
+def _patch_server(patcher) -> None:
+    global completion_response_original
+    from ..versions import serving_completion_class
+
+    completion_response_original = patcher.replace(serving_completion_class(), "request_output_to_completion_response",
+                                                   _completion_response, expect_params=["self", "final_res_batch"])
+
+
 sample_tokens_original = update_from_output_original = process_outputs_original = None
-new_completion_output_original = add_original = None
+new_completion_output_original = add_original = completion_response_original = None
 
 
 def patch(patcher) -> None:
@@ -173,6 +217,10 @@ def patch(patcher) -> None:
     new_completion_output_original = patcher.replace(RequestState, "_new_completion_output",
                                                      _new_completion_output, expect_params=["self"])
     add_original = patcher.replace(RequestOutput, "add", _add, expect_params=["self", "next_output", "aggregate"])
+    from .weights import is_api_server_process
+
+    if is_api_server_process():
+        _patch_server(patcher)
 
 
 register(Fix(

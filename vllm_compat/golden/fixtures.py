@@ -385,10 +385,14 @@ def trainer_scores(trainer, scenario: dict, results: list[dict]) -> list[dict | 
     whose later tokens came from two weight sets and old KV: no single trainer pass matches)."""
     if scenario.get("update"):
         return [None] * len(results)
+    from ..trainer import SampledSupport
+
     out = []
     for req, res in zip(scenario["requests"], results, strict=True):
         prompt = req["prompt_token_ids"]
-        comps = [trainer.score(prompt, c["token_ids"], req["params"]) for c in res["completions"]]
+        comps = [trainer.score(prompt, c["token_ids"], req["params"],
+                               SampledSupport.from_json(c["support"]) if c.get("support") else None)
+                 for c in res["completions"]]
         out.append({"prompt_tokens": prompt, "prompt": comps[0]["prompt"],
                     "completions": [c["completion"] for c in comps]})
     return out

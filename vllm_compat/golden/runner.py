@@ -32,6 +32,12 @@ def _position(entry: dict | None) -> list | None:
                   for t, lp in entry.items())
 
 
+def _support_json(completion) -> dict | None:
+    # Set by the `support` fix where the request asked for it (V1 only; V0 fixtures have none).
+    found = getattr(completion, "vllm_compat_support", None)
+    return None if found is None else found.to_json()
+
+
 def extract(output: Any, finish_reason: bool = False) -> dict:
     """A vLLM RequestOutput -> fixture dict. ``finish_reason``: also keep each completion's
     ``finish_reason`` ("length" / "stop") and ``stop_reason`` (the stop token id, or None)
@@ -45,6 +51,9 @@ def extract(output: Any, finish_reason: bool = False) -> dict:
         if finish_reason:
             out["finish_reason"] = c.finish_reason
             out["stop_reason"] = c.stop_reason
+        support = _support_json(c)
+        if support is not None:
+            out["support"] = support
         return out
 
     return {
@@ -53,22 +62,27 @@ def extract(output: Any, finish_reason: bool = False) -> dict:
     }
 
 
-def sampling_params(params: dict):
+def sampling_params(params: dict, support: bool = False):
+    """``support``: ask for support replay (the `support` fix; V1 only)."""
     from vllm import SamplingParams
 
     if params.get("logit_bias"):  # JSON object keys are strings; SamplingParams wants token ids
         params = dict(params, logit_bias={int(t): float(b) for t, b in params["logit_bias"].items()})
+    if support:
+        params = dict(params, extra_args={**(params.get("extra_args") or {}), "vllm_compat_support": True})
     return SamplingParams(**params)
 
 
-def run_scenario(llm: Any, scenario: dict, load_update: Callable[[str], None] | None = None) -> list[dict]:
-    """Run one scenario; returns one result per request (late requests after the others)."""
+def run_scenario(llm: Any, scenario: dict, load_update: Callable[[str], None] | None = None,
+                 support: bool = False) -> list[dict]:
+    """Run one scenario; returns one result per request (late requests after the others).
+    ``support``: every request asks for support replay; each completion then has ``support``."""
     update = scenario.get("update")
     reqs = scenario["requests"]
     reasons = bool(scenario.get("record_finish_reason"))
     if update is None:
         outs = llm.generate([{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs],
-                            [sampling_params(r["params"]) for r in reqs], use_tqdm=False)
+                            [sampling_params(r["params"], support) for r in reqs], use_tqdm=False)
         return [extract(o, reasons) for o in outs]
     if load_update is None:
         raise ValueError(f"scenario {scenario['name']} needs a weight-update callback")
@@ -79,7 +93,7 @@ def run_scenario(llm: Any, scenario: dict, load_update: Callable[[str], None] | 
         ids = []
         for i, r in enumerate(rs):
             rid = f"{prefix}-{i}"
-            engine.add_request(rid, {"prompt_token_ids": r["prompt_token_ids"]}, sampling_params(r["params"]))
+            engine.add_request(rid, {"prompt_token_ids": r["prompt_token_ids"]}, sampling_params(r["params"], support))
             ids.append(rid)
         return ids
 

@@ -5,7 +5,9 @@ RL trainers do), then per position
   * ``scaled``: log_softmax(logits / T) over the full vocabulary (the usual trainer loss);
   * ``processed``: V0's processed distribution (logit_bias, allowed_token_ids, min_tokens,
     penalties, temperature, top-k/top-p, min-p) recomputed by :mod:`vllm_compat.v0_sampling`
-    -- V0's meaning, computed by the trainer.
+    -- V0's meaning, computed by the trainer;
+  * ``replayed`` (given the engine's support of each sampled token): the same distribution
+    renormalised on the set the engine sampled from (support replay, vllm_compat.trainer).
 Prompt positions use neutral penalties and no logits processors or min_tokens, as V0's prompt
 logprobs do (``SamplingSpec.for_prompt``).
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..trainer import SampledSupport, replay_logprobs
 from ..v0_sampling import SamplingSpec, v0_processed_logprobs
 
 
@@ -68,8 +71,12 @@ class TrainerReference:
         specs = [spec.for_prompt()] * n_prompt_rows + [spec] * len(completion)
         return v0_processed_logprobs(logits, specs, prompt_ctx, outputs, param_dtype=param_dtype)
 
-    def score(self, prompt: list[int], completion: list[int], params: dict) -> dict:
-        """Per-token reference logprobs for one sequence (prompt token 0 has none: None)."""
+    def score(self, prompt: list[int], completion: list[int], params: dict,
+              support: SampledSupport | None = None) -> dict:
+        """Per-token reference logprobs for one sequence (prompt token 0 has none: None).
+        ``support``: the engine's support of each completion token (support replay); adds
+        ``replayed`` -- the processed distribution renormalised on it (vllm_compat.trainer) --
+        for the completion (the prompt's ``replayed`` is its ``processed``: nothing was sampled)."""
         spec = SamplingSpec.from_params(params, eos_token_ids=self.eos_token_ids)
         logits = self.logits(prompt + completion)[:-1]
         targets = torch.tensor(prompt[1:] + completion)
@@ -79,8 +86,14 @@ class TrainerReference:
         as_list = lambda t: [None] + [_f(x) for x in t.tolist()]  # noqa: E731
         s, p = as_list(scaled), as_list(processed)
         k = len(prompt)
-        return {"prompt": {"scaled": s[:k], "processed": p[:k]},
-                "completion": {"scaled": s[k:], "processed": p[k:]}}
+        out = {"prompt": {"scaled": s[:k], "processed": p[:k]},
+               "completion": {"scaled": s[k:], "processed": p[k:]}}
+        if support is not None:
+            replayed = replay_logprobs(logits[k - 1:], completion, support, params, prompt=prompt,
+                                       eos_token_ids=self.eos_token_ids)
+            out["prompt"]["replayed"] = p[:k]
+            out["completion"]["replayed"] = [_f(x) for x in replayed.tolist()]
+        return out
 
 
 def _f(x: float) -> float:

@@ -71,6 +71,9 @@ class VersionTracker:
     def __init__(self) -> None:
         self.version = 0
         self.spans: "OrderedDict[tuple[str, int], list[list[int]]]" = OrderedDict()
+        # Updates committed on the engine (WeightUpdateResult.version, what the workers count) -> the
+        # version this server reported for it (the route's "version"): the `support` fix's labels.
+        self.labels: dict[int, int] = {0: 0}
 
     def started(self, state) -> None:
         self.spans[client_key(state)] = [[self.version, 0]]
@@ -198,6 +201,7 @@ async def update_weights_route(request: Request):
             result = await client.update_weights(engine, weights, timeout=timeout)
             new_version = TRACKER.version + 1 if version is None else version
             in_flight = TRACKER.committed(engine, result.in_flight, new_version)
+            TRACKER.labels[result.version] = new_version
         except client.WeightUpdateTimeout as e:
             return _error(HTTPStatus.REQUEST_TIMEOUT, str(e), type="WeightUpdateTimeout", changed=False)
         except client.WeightUpdateError as e:
