@@ -16,7 +16,12 @@ ratio is 1 on-policy): the script checks that for every version it can (weights 
 checkpoint and from broadcasts), and that updates really landed mid-generation, and exits
 non-zero otherwise.
 
-    python examples/async_rl_loop.py [--steps 4] [--model DIR]
+With ``--support-replay`` the rollouts sample with T=0.8, top_p=0.9 and ask for the support
+(vllm_compat.sampled_support): the trainer computes its logprobs with
+vllm_compat.trainer.replay_logprobs on exactly the kept sets the engine sampled from, and each
+token's policy version is read from the support (checked against the in-flight reports).
+
+    python examples/async_rl_loop.py [--steps 4] [--model DIR] [--support-replay]
 """
 from __future__ import annotations
 
@@ -53,10 +58,14 @@ def trainer(model_dir: str, port: int, steps: int, rollouts: mp.Queue, control: 
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     broadcaster = WeightBroadcaster("127.0.0.1", port, num_engine_workers=1, backend="gloo")
 
+    from vllm_compat.trainer import replay_logprobs
+
     def logprobs(m, seq):
         ids = torch.tensor([seq["prompt"] + seq["tokens"]])
         hidden = m.model(input_ids=ids).last_hidden_state[0, len(seq["prompt"]) - 1:-1]
         logits = hidden.float() @ m.lm_head.weight.float().t()  # fp32 head, like the engine
+        if seq["support"] is not None:  # the processed distribution on the engine's kept sets
+            return replay_logprobs(logits, seq["tokens"], seq["support"], seq["params"], prompt=seq["prompt"])
         return logits.log_softmax(-1).gather(1, torch.tensor(seq["tokens"])[:, None])[:, 0]
 
     parity_worst, parity_versions, mixed = 0.0, set(), 0
@@ -101,7 +110,8 @@ def trainer(model_dir: str, port: int, steps: int, rollouts: mp.Queue, control: 
 
 # ---- rollout process --------------------------------------------------------------------
 
-async def rollout(model_dir: str, port: int, rollouts: mp.Queue, control: mp.Queue, final_batch: mp.Queue) -> int:
+async def rollout(model_dir: str, port: int, rollouts: mp.Queue, control: mp.Queue, final_batch: mp.Queue,
+                  support_replay: bool) -> dict:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -112,13 +122,15 @@ async def rollout(model_dir: str, port: int, rollouts: mp.Queue, control: mp.Que
                                                        max_model_len=512))
     await vllm_compat.check(engine)  # every engine process runs the fixes
     group = await vllm_compat.join_weight_broadcast(engine, "127.0.0.1", port)
-    state = {"version": 0, "updates_in_flight": 0}
+    state = {"version": 0, "updates_in_flight": 0, "version_mismatches": 0}
+    sampling = {"temperature": 0.8, "top_p": 0.9} if support_replay else {"temperature": 1.0}
+    extra = {"vllm_compat_support": True} if support_replay else None
     boundaries: dict[str, list[tuple[int, int]]] = {}  # request id -> [(tokens before update, new version)]
     rng = random.Random(0)
 
     async def sample(rid: str) -> dict:
         prompt = [rng.randrange(1, 1024) for _ in range(8)]
-        params = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
+        params = SamplingParams(**sampling, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0, extra_args=extra)
         final = None
         async for out in engine.generate({"prompt_token_ids": prompt}, params, request_id=rid):
             final = out
@@ -132,8 +144,11 @@ async def rollout(model_dir: str, port: int, rollouts: mp.Queue, control: mp.Que
         for j in range(len(c.token_ids)):
             v = at.get(j, v)
             versions.append(v)
-        return {"prompt": prompt, "tokens": list(c.token_ids), "versions": versions,
-                "logprobs": [pos[t].logprob for pos, t in zip(c.logprobs, c.token_ids)]}
+        support = vllm_compat.sampled_support(c)
+        if support is not None and support.weight_version != versions:  # two accounts of the same fact
+            state["version_mismatches"] += 1
+        return {"prompt": prompt, "tokens": list(c.token_ids), "versions": versions, "params": sampling,
+                "support": support, "logprobs": [pos[t].logprob for pos, t in zip(c.logprobs, c.token_ids)]}
 
     async def produce(lane: int):
         b = 0
@@ -165,7 +180,7 @@ async def rollout(model_dir: str, port: int, rollouts: mp.Queue, control: mp.Que
         for p in producers:
             p.cancel()
         engine.shutdown()
-    return state["updates_in_flight"]
+    return state
 
 
 def free_port() -> int:
@@ -178,6 +193,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(MODEL))
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--support-replay", action="store_true", help="top-p sampling; the trainer replays the support")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     rollouts, control, final_batch, stats = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue()
@@ -185,7 +201,8 @@ def main() -> int:
     proc = ctx.Process(target=trainer, args=(args.model, port, args.steps, rollouts, control, final_batch, stats))
     proc.start()
     try:
-        updates_in_flight = asyncio.run(rollout(args.model, port, rollouts, control, final_batch))
+        state = asyncio.run(rollout(args.model, port, rollouts, control, final_batch, args.support_replay))
+        updates_in_flight = state["updates_in_flight"]
         result = stats.get(timeout=300)
         proc.join(timeout=60)
     finally:
@@ -193,9 +210,10 @@ def main() -> int:
     print(f"done: {args.steps} updates, {updates_in_flight} of them with requests mid-generation; "
           f"{result['mixed_sequences']} sequences mixed policy versions; engine vs trainer logprobs of single-version "
           f"sequences (versions {result['parity_versions']}): max|diff| {result['parity_worst']:.2e} "
-          f"(limit {PARITY_LIMIT:g})")
+          f"(limit {PARITY_LIMIT:g})" + (f"; support replay: {state['version_mismatches']} sequences whose "
+                                         f"support versions differ from the in-flight reports" if args.support_replay else ""))
     ok = (result["parity_worst"] <= PARITY_LIMIT and args.steps in result["parity_versions"]
-          and updates_in_flight > 0)
+          and updates_in_flight > 0 and state["version_mismatches"] == 0)
     return 0 if ok else 1
 
 

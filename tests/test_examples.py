@@ -18,10 +18,13 @@ def run_example(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_async_rl_loop():
-    proc = run_example(str(EXAMPLES / "async_rl_loop.py"), "--steps", "3")
+@pytest.mark.parametrize("extra", [(), ("--support-replay",)], ids=["T=1", "top-p, support replay"])
+def test_async_rl_loop(extra):
+    proc = run_example(str(EXAMPLES / "async_rl_loop.py"), "--steps", "3", *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "done: 3 updates" in proc.stdout
+    if extra:
+        assert "support replay: 0 sequences" in proc.stdout
 
 
 @pytest.mark.parametrize("compat, meaning", [("all", "V0 meaning"), ("off", "raw model distribution")])

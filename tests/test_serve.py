@@ -111,6 +111,34 @@ def _update_over_http(port: int) -> None:
     assert status["weight_version"] == 7 and status["consistent"] and status["paused"] is False, status
 
 
+def _support_over_http(port: int, expect: bool, version: int = 0) -> None:
+    """Support replay asked the way a client asks (``vllm_xargs`` in the openai client's extra_body)."""
+    import openai
+
+    from vllm_compat.trainer import SampledSupport
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+    out = client.completions.create(model=str(MODEL), prompt=[1, 5, 9, 33, 40], max_tokens=8, temperature=0.8,
+                                    top_p=0.9, n=2, extra_body={"top_k": 20, "return_tokens_as_token_ids": True,
+                                                                "vllm_xargs": {"vllm_compat_support": 1}},
+                                    logprobs=0)
+    for choice in out.choices:
+        extra = (choice.model_extra or {}).get("vllm_compat_support")
+        if not expect:
+            assert extra is None
+            continue
+        support = SampledSupport.from_json(extra)
+        tokens = [int(t.split(":")[1]) for t in choice.logprobs.tokens]
+        assert len(support) == len(tokens) == 8
+        assert all(t in support.kept(i, 512) and len(support.token_ids[i]) <= 20 for i, t in enumerate(tokens))
+        assert support.weight_version == [version] * 8  # the version the update route was given
+
+
+def _update_and_support(port: int) -> None:
+    _update_over_http(port)
+    _support_over_http(port, expect=True, version=7)
+
+
 @pytest.mark.parametrize("compat, parity, launcher", [
     ("all", True, "vllm serve"),
     pytest.param("off", False, "module", marks=pytest.mark.stock_baseline),  # first CI row (ci/test.sh)
@@ -120,7 +148,8 @@ def test_served_logprobs_against_v0(compat, parity, launcher):
     sc = next(s for s in fx.scenarios if s["name"] == "top_p_min_p")
     req = sc["requests"][0]
     body = dict(req["params"], prompt=req["prompt_token_ids"], return_tokens_as_token_ids=True)
-    result = _as_result(serve_and_request(compat, body, launcher, _update_over_http if parity else None))
+    after = _update_and_support if parity else (lambda port: _support_over_http(port, expect=False))
+    result = _as_result(serve_and_request(compat, body, launcher, after))
     m = golden.compare_to_reference([result], sc["results"][:1])
     worst = max(m["sampled_max_abs"], m["topk_max_abs"], m["prompt_max_abs"])
     assert m["compared_positions"] >= 1

@@ -200,10 +200,14 @@ def apply(include: Iterable[str] | None = None, exclude: Iterable[str] = (), str
 def _apply_selection(wanted: list[str], version, strict: bool) -> None:
     """Make ``wanted`` active; if that raises, the selection before the call is active again."""
     before, skipped_before = dict(_state.active), dict(_state.skipped)
+    # A fix whose requirements are not selected leaves with them (and is reported as skipped).
+    unmet = {n: [r for r in FIXES[n].requires if r not in wanted] for n in wanted}
+    wanted = [n for n in wanted if not unmet[n]]
     leaving = [n for n in _state.active if n not in wanted]
     for name in reversed(leaving):  # last patched, first reverted: overlapping patches unwind
         _state.active.pop(name).revert()
     _state.skipped.clear()
+    _state.skipped.update({n: f"needs {', '.join(m)}, which is not selected" for n, m in unmet.items() if m})
     added: list[str] = []
     try:
         for name in wanted:

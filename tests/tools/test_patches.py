@@ -45,9 +45,10 @@ def test_series_is_well_formed(version):
             assert p.header(field), f"{p.path.name}: no '{field}' paragraph"
         assert p.files() and all(f.startswith("vllm/") for f in p.files())
     # Every default fix is covered by a patch (lm_head_fp32 lives in fixes/lm_head.py), except the
-    # in-flight weight updates, which are an API of their own (vllm_compat.update_weights).
+    # in-flight weight updates and support replay, which are APIs of their own
+    # (vllm_compat.update_weights, vllm_compat.sampled_support): shim-only.
     default_fixes = {name for name, fix in FIXES.items() if fix.default}
-    assert default_fixes == {"defaults", "lm_head_fp32", "logprobs", "prompt_logprobs", "weight_updates"}
+    assert default_fixes == {"defaults", "lm_head_fp32", "logprobs", "prompt_logprobs", "support", "weight_updates"}
 
 
 @pytest.mark.parametrize("version", PINNED)

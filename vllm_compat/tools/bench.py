@@ -319,6 +319,52 @@ def _sampling(root: Path, hidden: int, layers: int, vocab: int, rounds: int, log
                         "shim >= stock V1": {n: row["shim / stock_v1"] >= 1.0 for n, row in table.items()}}}
 
 
+# Support replay's cost (fix `support`): per configuration, the shim without the request vs with
+# ``extra_args={"vllm_compat_support": True}`` on every request, on one engine; and the fix's cost
+# when no request asks (the shim with vs without the `support` fix, VLLM_COMPAT=-support).
+SUPPORT = {"vllm_compat_support": True}
+SUPPORT_CONFIGS = {
+    "top_k=50, top_p=0.95": {"temperature": 0.8, "top_k": 50, "top_p": 0.95},
+    "top_k=50, top_p=0.95 + support": {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "extra_args": SUPPORT},
+    "top_p=0.9": {"temperature": 0.7, "top_p": 0.9},
+    "top_p=0.9 + support": {"temperature": 0.7, "top_p": 0.9, "extra_args": SUPPORT},
+    "T=1, no filters": {"temperature": 1.0},
+    "T=1, no filters + support": {"temperature": 1.0, "extra_args": SUPPORT},
+}
+
+
+def _support(root: Path, hidden: int, layers: int, vocab: int, rounds: int, log,
+             prompts: int = 32, max_tokens: int = 128, iterations: int = 3) -> dict:
+    fp32 = build_bench_model(root / f"llama-h{hidden}-l{layers}-v{vocab}", hidden, layers, vocab)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_COMPAT")}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    sides = {"shim": ("all", SUPPORT_CONFIGS),
+             "shim without the support fix": ("-support", {k: v for k, v in SUPPORT_CONFIGS.items() if "+" not in k})}
+    per_round: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
+    for r in range(rounds):
+        for side, (selection, configs) in sides.items():
+            cfg = {"model": str(fp32), "vocab": vocab, "env": {"VLLM_COMPAT": selection}, "configs": configs,
+                   "engine_args": dict(V1_ARGS, dtype="float32"), "prompts": prompts, "prompt_len": 32,
+                   "max_tokens": max_tokens, "iterations": iterations}
+            proc = subprocess.run([sys.executable, "-c", SAMPLING_CHILD, json.dumps(cfg)], env=env,
+                                  capture_output=True, text=True, timeout=3600)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
+            if proc.returncode != 0 or line is None:
+                raise RuntimeError(f"support benchmark child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+            for name, m in json.loads(line[6:]).items():
+                per_round[side].setdefault(name, []).append(m["tokens"] / m["seconds"])
+            log(f"  round {r + 1}: {side:<28} " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in per_round[side].items()))
+    tps = {side: {name: statistics.median(v) for name, v in d.items()} for side, d in per_round.items()}
+    plain = [k for k in SUPPORT_CONFIGS if "+" not in k]
+    return {"workload": {"prompts": prompts, "prompt_len": 32, "max_tokens": max_tokens, "logprobs": 5,
+                         "iterations": iterations, "rounds": rounds},
+            "tokens_per_s": tps,
+            "asked / not asked": {k: tps["shim"][k + " + support"] / tps["shim"][k] for k in plain},
+            "fix on, nobody asks / fix off": {k: tps["shim"][k] / tps["shim without the support fix"][k]
+                                              for k in plain}}
+
+
 def _v1(model: Path, vocab: int, selection: str, workload: dict, dtype: str, iterations: int) -> tuple[str, dict]:
     return sys.executable, {"engine": "v1", "model": str(model), "vocab": vocab, "workload": workload,
                             "iterations": iterations, "env": {"VLLM_COMPAT": selection},
@@ -396,6 +442,8 @@ def run(sections: list[str], repeats: int, hidden: int, layers: int, vocab: int,
         report["weight_update"] = asyncio.run(_weight_update(model_dir, repeats, log))
     if "sampling" in sections:
         report["sampling"] = _sampling(root, hidden, layers, vocab, repeats, log)
+    if "support" in sections:
+        report["support"] = _support(root, hidden, layers, vocab, repeats, log)
     if "throughput" in sections:
         v0 = v0_python or os.environ.get("VLLM_COMPAT_V0_PYTHON")
         report["throughput"] = _throughput(root, hidden, layers, vocab, repeats, v0 if v0 and Path(v0).exists()
@@ -426,6 +474,14 @@ def format_report(report: dict) -> str:
             lines.append(f"  {name:<24} {row['stock_v1']:9.2f} {row['shim']:9.2f} {row['shim / stock_v1']:11.2f}")
         lines.append(f"  {'greedy tokens/s':<24} {sm['tokens_per_s']['stock_v1']['greedy']:9.0f} "
                      f"{sm['tokens_per_s']['shim']['greedy']:9.0f}")
+    sp = report.get("support")
+    if sp:
+        w = sp["workload"]
+        lines.append(f"support replay  (tokens/s ratios on the same engine; {w['prompts']} prompts x "
+                     f"{w['max_tokens']} tokens; median of {w['rounds']} rounds)")
+        lines.append(f"  {'configuration':<24} {'asked/not':>10} {'fix on/off (nobody asks)':>26}")
+        for name, ratio in sp["asked / not asked"].items():
+            lines.append(f"  {name:<24} {ratio:10.3f} {sp['fix on, nobody asks / fix off'][name]:26.3f}")
     wu = report.get("weight_update")
     if wu:
         lines.append(f"weight_update  (model {wu['model_bytes'] / 1e6:.0f} MB fp32, median of {wu['repeats']})")

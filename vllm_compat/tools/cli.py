@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     v.add_argument("--plot-data", metavar="FILE.json",
                    help="write the plotted numbers (per scenario and side: V1 and reference logprobs) as JSON")
     b = sub.add_parser("bench", help="side-by-side measurements printed as ratios (see vllm_compat/tools/bench.py)")
-    b.add_argument("--section", action="append", choices=["sampling", "throughput", "weight_update"], help="only this section (repeatable)")
+    b.add_argument("--section", action="append", choices=["sampling", "support", "throughput", "weight_update"], help="only this section (repeatable)")
     b.add_argument("--repeats", type=int, default=3, help="runs (weight_update) / alternating rounds (throughput)")
     b.add_argument("--hidden", type=int, default=512)
     b.add_argument("--layers", type=int, default=4)
