@@ -122,7 +122,7 @@ async def rollout(model_dir: str, port: int, rollouts: mp.Queue, control: mp.Que
                                                        max_model_len=512))
     await vllm_compat.check(engine)  # every engine process runs the fixes
     group = await vllm_compat.join_weight_broadcast(engine, "127.0.0.1", port)
-    state = {"version": 0, "updates_in_flight": 0, "version_mismatches": 0}
+    state = {"version": 0, "updates_in_flight": 0, "version_mismatches": 0, "sampled_across_updates": 0}
     sampling = {"temperature": 0.8, "top_p": 0.9} if support_replay else {"temperature": 1.0}
     extra = {"vllm_compat_support": True} if support_replay else None
     boundaries: dict[str, list[tuple[int, int]]] = {}  # request id -> [(tokens before update, new version)]
@@ -145,6 +145,7 @@ async def rollout(model_dir: str, port: int, rollouts: mp.Queue, control: mp.Que
             v = at.get(j, v)
             versions.append(v)
         support = vllm_compat.sampled_support(c)
+        state["sampled_across_updates"] += len(set(versions)) > 1
         if support is not None and support.weight_version != versions:  # two accounts of the same fact
             state["version_mismatches"] += 1
         return {"prompt": prompt, "tokens": list(c.token_ids), "versions": versions, "params": sampling,
@@ -210,8 +211,9 @@ def main() -> int:
     print(f"done: {args.steps} updates, {updates_in_flight} of them with requests mid-generation; "
           f"{result['mixed_sequences']} sequences mixed policy versions; engine vs trainer logprobs of single-version "
           f"sequences (versions {result['parity_versions']}): max|diff| {result['parity_worst']:.2e} "
-          f"(limit {PARITY_LIMIT:g})" + (f"; support replay: {state['version_mismatches']} sequences whose "
-                                         f"support versions differ from the in-flight reports" if args.support_replay else ""))
+          f"(limit {PARITY_LIMIT:g}); {state['sampled_across_updates']} sequences sampled across an update"
+          + (f"; support replay: {state['version_mismatches']} sequences whose support versions differ from the "
+             f"in-flight reports" if args.support_replay else ""))
     ok = (result["parity_worst"] <= PARITY_LIMIT and args.steps in result["parity_versions"]
           and updates_in_flight > 0 and state["version_mismatches"] == 0)
     return 0 if ok else 1

@@ -202,3 +202,23 @@ def test_greedy_keeps_processors_and_prompt_rows_drop_them():
     assert spec.allowed_token_ids == (1, 2) and spec.min_tokens_ids == (0, 2)
     prompt = spec.for_prompt()
     assert not prompt.has_processors and not prompt.has_penalties and prompt.temperature == 0.0
+
+
+@pytest.mark.parametrize("k, p", [(8, 0.9), (50, 1.0), (2048, 0.9), (2048, 1.0)])
+@pytest.mark.parametrize("rows", ["all_nan", "one_nan_row", "some_nan_entries"])
+def test_nan_rows_get_v0s_result_instead_of_an_error(rows, k, p):
+    """A broken model (e.g. weights left uninitialised by a partial reload) gives NaN logits: V0's
+    sort returned NaN for such rows; the partial paths must do the same, not raise (an exception
+    here kills the engine step)."""
+    x = torch.randn(3, 2048, generator=torch.Generator().manual_seed(0))
+    if rows == "all_nan":
+        x[:] = float("nan")
+    elif rows == "one_nan_row":
+        x[1] = float("nan")
+    else:
+        x[1, :5] = float("nan")
+    ks, ps = torch.full((3,), k), torch.full((3,), p)
+    out, ref = apply_top_k_top_p(x, ks, ps), apply_top_k_top_p_sorted(x, ks, ps)
+    assert torch.equal(out.nan_to_num(1.5), ref.nan_to_num(1.5))
+    spec = SamplingSpec.from_params({"temperature": 0.7, "top_k": min(k, 2047), "top_p": p})
+    assert v0_processed_logprobs(x, [spec] * 3).shape == x.shape

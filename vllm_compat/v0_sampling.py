@@ -209,10 +209,14 @@ def _top_k_candidates(logits: torch.Tensor, k: torch.Tensor, temperature: torch.
     if _host((vals[:, -1:] < kth).all()):
         return vals[:, :-1], idx[:, :-1], kth
     # Ties with the k-th value stay, as in V0 (division by T can create them, too): keep them all.
-    # Rare (tied logits at the k-th value), and a second host read: their number is a shape.
+    # Rare (tied logits at the k-th value), and a second host read: their number is a shape. A NaN
+    # k-th value (a broken model's row) also lands here: its row counts no candidate, so the batch
+    # takes V0's own sort, which gives such rows NaN as V0 did (nothing raises). One read for both.
     full = logits if temperature is None else logits / temperature.unsqueeze(1)
-    kept = int(_host((full >= kth).sum(dim=-1, dtype=torch.int32).max()))
-    if kept > _MAX_CANDIDATES:
+    most = (full >= kth).sum(dim=-1, dtype=torch.int32).max()
+    code = int(_host(most + (vocab + 1) * torch.isnan(kth).any().to(torch.int32)))
+    has_nan, kept = divmod(code, vocab + 1)
+    if has_nan or kept > _MAX_CANDIDATES:
         return None
     vals, idx = full.topk(kept, dim=-1)
     return vals, idx, kth
