@@ -311,8 +311,8 @@ def native_reload(llm, weights: dict) -> None:
     fused layer that gets only some of its shards (q_proj and v_proj into qkv_proj, without
     k_proj) is rebuilt all the same: the k rows keep whatever the fresh storage held (measured
     ~1e38 here), so attention overflows and every token sampled after the update comes from NaN
-    logits (stock: token 0 with a NaN logprob; with the shim's sampler: an exception, the engine
-    dies). V0's ``load_weights`` and ``vllm_compat.update_weights`` write the sent shards in place
+    logits (stock: token 0 with a NaN logprob; the shim's sampler raised there until the NaN fix
+    in v0_sampling, now it returns NaN too: a broken step either way). V0's ``load_weights`` and ``vllm_compat.update_weights`` write the sent shards in place
     and leave k as it was. The head: 0.32's fp32 head (``head_dtype``) multiplies by
     ``lm_head.weight`` at each call, and a reload copies into the tied tensor's storage, so no
     fp32 copy exists that could go stale."""
