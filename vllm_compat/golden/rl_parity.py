@@ -81,6 +81,10 @@ FIXES_ABLATED = {  # arm suffix -> VLLM_COMPAT exclusions
     "lm_head_fp32": ["lm_head_fp32"],
 }
 ARMS = ["v0", "stock", "shim"] + [f"shim-minus-{f}" for f in FIXES_ABLATED]
+# Not in the default set (no gate reads it): the shim with support replay (fix `support`): every
+# request asks for the kept sets and the trainer renormalises on them instead of re-deciding top-k
+# and top-p on its own logits (vllm_compat.trainer).
+SUPPORT_REPLAY_ARM = "shim-support-replay"
 
 
 def system_prefix() -> list[int]:
@@ -99,17 +103,18 @@ def reward(tokens: list[int], target: int) -> float:
     return max(0.0, 1.0 - abs(sum(digits) - target) / REWARD_SCALE) * len(digits) / len(tokens)
 
 
-def step_requests(seed: int, step: int) -> list[dict]:
+def step_requests(seed: int, step: int, support: bool = False) -> list[dict]:
     """G prompts x n requests sharing each prompt; every request seeded (the shim and V0 then
-    draw the same tokens from the same distribution on CPU)."""
+    draw the same tokens from the same distribution on CPU). ``support``: ask for support replay."""
     rng = random.Random(f"{seed}:{step}")
+    extra = {"extra_args": {"vllm_compat_support": True}} if support else {}
     out = []
     for g in range(PROMPTS_PER_STEP):
         target = rng.choice(TARGETS)
         for i in range(GROUP):
             out.append({"id": f"s{step}g{g}r{i}", "group": g, "target": target, "prompt": prompt_for(target),
                         "params": dict(SAMPLING, max_tokens=COMPLETION_LEN, ignore_eos=True, logprobs=0,
-                                       seed=rng.randrange(2**31))})
+                                       seed=rng.randrange(2**31), **extra)})
     return out
 
 
@@ -140,7 +145,9 @@ def rollout(llm, requests: list[dict], update_after: int, load) -> list[dict]:
         c = latest[r["id"]].outputs[0]
         out.append({"id": r["id"], "tokens": list(c.token_ids),
                     "logprobs": [pos[t].logprob for pos, t in zip(c.logprobs, c.token_ids)],
-                    "before_update": (before or {}).get(r["id"], 0)})
+                    "before_update": (before or {}).get(r["id"], 0),
+                    # SampledSupport where the request asked (fix `support`; V1 only)
+                    "support": getattr(c, "vllm_compat_support", None)})
     return out
 
 
@@ -369,9 +376,10 @@ class Trainer:
         engine is sent (a subset of the checkpoint; the frozen tensors never travel)."""
         return {n: p.detach().clone() for n, p in zip(self.names, self.params)}
 
-    def logprobs(self, prompts, completions, grad: bool):
+    def logprobs(self, prompts, completions, grad: bool, supports=None):
         """Processed logprobs of the completion tokens and the processed distribution's entropy,
-        [batch, len] each."""
+        [batch, len] each. ``supports``: per sequence, the engine's SampledSupport (support
+        replay): the kept sets are the engine's instead of re-decided on the trainer's logits."""
         import torch
 
         from ..v0_sampling import v0_processed_logprobs
@@ -385,7 +393,10 @@ class Trainer:
             flat = logits.reshape(-1, logits.shape[-1])
             targets = ids[:, p_len:].reshape(-1, 1)
             with torch.no_grad():  # V0's kept set (top-k, then top-p), exactly as V0 decides it
-                kept = torch.isfinite(v0_processed_logprobs(flat.detach(), [self.spec] * flat.shape[0]))
+                if supports is not None:  # support replay: exactly the sets the engine sampled from
+                    kept = torch.cat([sp.mask(flat.shape[-1]) for sp in supports])
+                else:
+                    kept = torch.isfinite(v0_processed_logprobs(flat.detach(), [self.spec] * flat.shape[0]))
                 # A bf16 body (trainer: HF; engine: vLLM) moves near-tied logits across the top-k/top-p
                 # boundary: the token the engine sampled may fall just outside the trainer's kept set
                 # (a -inf logprob, an infinite ratio). Keep it, as the engine did; counted in mask_flips.
@@ -450,16 +461,18 @@ def train_step(trainer: "Trainer", requests: list[dict], results: list[dict], ve
     comps = [by_id[r["id"]]["tokens"] for r in requests]
     rollout_lp = torch.tensor([by_id[r["id"]]["logprobs"] for r in requests], dtype=torch.float32)
     n_before = torch.tensor([by_id[r["id"]]["before_update"] for r in requests])
+    supports = [by_id[r["id"]].get("support") for r in requests]
+    supports = supports if all(sp is not None for sp in supports) else None
     prev_lp = None
     if version_lag and trainer.previous is not None:
         # Tokens sampled before the in-flight update came from the previous version (computed
         # first: swapping weights in place after the graph is built would invalidate it).
         trainer.swap_previous()
         try:
-            prev_lp, _ = trainer.logprobs(prompts, comps, grad=False)
+            prev_lp, _ = trainer.logprobs(prompts, comps, grad=False, supports=supports)
         finally:
             trainer.swap_previous()
-    new_lp, entropy = trainer.logprobs(prompts, comps, grad=True)
+    new_lp, entropy = trainer.logprobs(prompts, comps, grad=True, supports=supports)
     flips = trainer.last_flips
     behaviour = new_lp.detach().clone()
     if prev_lp is not None:
@@ -511,7 +524,7 @@ def run_arm(arm: str, seed: int, steps: int, model: str, v0_python: str | None, 
     try:
         for step in range(steps):
             if failed is None:
-                requests = step_requests(seed, step)
+                requests = step_requests(seed, step, support=arm == SUPPORT_REPLAY_ARM)
                 # Step 0 runs on the checkpoint; from step 1 on the trainer's newest weights land mid-batch.
                 weights = trainer.weights() if step > 0 else None
                 ts = time.time()
@@ -848,7 +861,7 @@ def arm_env(arm: str) -> dict:
     env.pop("VLLM_COMPAT_ACTIVE", None)  # the parent's exact selection would win over VLLM_COMPAT
     if arm in ("stock", "v0"):
         env["VLLM_COMPAT"] = "off"
-    elif arm == "shim":
+    elif arm in ("shim", SUPPORT_REPLAY_ARM):
         env["VLLM_COMPAT"] = "all"
     else:
         fix = arm.removeprefix("shim-minus-")
@@ -893,9 +906,9 @@ def child_main(argv: list[str]) -> int:
 def parse_arms(text: str, v0_python: str | None) -> list[str]:
     arms = [a.strip() for a in text.split(",") if a.strip()] if text else \
         [a for a in ARMS if a != "v0" or v0_python]
-    bad = [a for a in arms if a not in ARMS]
+    bad = [a for a in arms if a not in ARMS + [SUPPORT_REPLAY_ARM]]
     if bad:
-        raise ValueError(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
+        raise ValueError(f"unknown arm(s) {bad}; known: {', '.join(ARMS + [SUPPORT_REPLAY_ARM])}")
     return arms
 
 

@@ -117,7 +117,8 @@ def main(argv=None) -> int:
                                          "(see vllm_compat/golden/rl_parity.py)")
     r.add_argument("--steps", type=int, default=12)
     r.add_argument("--arms", help="comma list of v0, stock, shim, shim-minus-{defaults,logprobs,weight_updates,"
-                                  "lm_head_fp32} (default: all; v0 only with --v0-python)")
+                                  "lm_head_fp32}, shim-support-replay (default: all but the last; v0 only with "
+                                  "--v0-python)")
     r.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2)")
     r.add_argument("--json", dest="json_out", metavar="OUT.json", help="per arm, per-step records; the gates")
     r.add_argument("--plot", metavar="OUT.png", help="one panel per metric, arms overlaid, reference band shaded")
