@@ -38,7 +38,11 @@ VERSION_ATTR = "vllm_compat_weight_version"  # model runner attribute: updates c
 
 def wants_support(sampling_params) -> bool:
     extra = getattr(sampling_params, "extra_args", None)
-    return bool(extra) and bool(extra.get(REQUEST_KEY))
+    if not extra:
+        return False
+    value = extra.get(REQUEST_KEY)
+    # vllm_xargs values arrive as JSON numbers or strings: "false" and "0" must not turn it on.
+    return value.strip().lower() in ("1", "true", "yes") if isinstance(value, str) else bool(value)
 
 
 def _capture(rows: torch.Tensor, found: list):
