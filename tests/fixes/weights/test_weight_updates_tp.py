@@ -43,6 +43,12 @@ def test_tensor_parallel_updates(shim, monkeypatch):
                                 log=lambda s: None)
         assert len(rows) == 2 and all(r.passed for r in rows), [r.failures for r in rows]
         assert all(s["applied"] == vllm_compat.applied() for s in vllm_compat.check(llm))
+        # Support replay crosses the multiprocess executor (rank 0's output carries it).
+        sampled = llm.generate([{"prompt_token_ids": [17, 402, 88]}],
+                               SamplingParams(temperature=0.8, top_k=20, max_tokens=5, logprobs=0, seed=1,
+                                              extra_args={"vllm_compat_support": True}), use_tqdm=False)[0].outputs[0]
+        support = vllm_compat.sampled_support(sampled)
+        assert len(support) == 5 and all(t in support.kept(i, 512) for i, t in enumerate(sampled.token_ids))
 
         # A refused update on two ranks changes nothing.
         params = SamplingParams(temperature=0, max_tokens=6, logprobs=3)
