@@ -244,13 +244,14 @@ def reprocess(model: torch.nn.Module, module_names: set[str], act_dtype: torch.d
 
 def refresh_derived(model) -> None:
     """A tied lm_head shares the embedding's weight, but on CPU its packed GEMM copy is made
-    from it once: re-pack it. An untied head that the lm_head_fp32 fix stored in fp32 stays fp32
-    (vLLM's layerwise reload may rebuild it in the model dtype)."""
+    from it once: re-pack it. The lm_head_fp32 fix's fp32 copy of a tied head is remade at the
+    next step, and an untied head it stored in fp32 stays fp32 (vLLM's layerwise reload may
+    rebuild it in the model dtype)."""
     from ... import registry
     from .. import lm_head
 
-    if "lm_head_fp32" in registry.applied() and getattr(model, "_vllm_compat_fp32_head", False):
-        lm_head.store_head_in_fp32(model)
+    if "lm_head_fp32" in registry.applied():
+        lm_head.weights_changed(model)
     head = getattr(model, "lm_head", None)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     if head is None or embed is None or head is embed or getattr(head, "weight", None) is not embed.weight:
