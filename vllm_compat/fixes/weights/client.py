@@ -227,7 +227,7 @@ def _one_batch_at_a_time(engine) -> bool:
     """Whether the engine core finishes each step before it handles an RPC (no batch queue:
     no async scheduling, no pipeline parallelism), so an RPC already runs between two steps."""
     config = engine.vllm_config
-    return (not getattr(config.scheduler_config, "async_scheduling", False)
+    return (getattr(config.scheduler_config, "async_scheduling", None) is False  # resolved, and off
             and config.parallel_config.pipeline_parallel_size == 1)
 
 
