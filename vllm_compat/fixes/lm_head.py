@@ -24,6 +24,8 @@ step no host sync (pointer, dtype and shape of the live weight, and a counter).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -61,6 +63,7 @@ def _watch_loads(model) -> None:
     :func:`weights_changed` afterwards."""
     original = model.load_weights
 
+    @functools.wraps(original)
     def load_weights(*args, **kwargs):
         try:
             return original(*args, **kwargs)
@@ -144,15 +147,18 @@ def patch(patcher) -> None:
                 _watch_loads(model)
             return loaded
 
-        def reload_weights(self, *args, **kwargs):  # vLLM's own in-place reload (layerwise)
-            try:
-                return reload_original(self, *args, **kwargs)
-            finally:
-                weights_changed(self.get_model())
-
         load_original = patcher.replace(CPUModelRunner, "load_model", load_model, expect_params=["self"])
-        if hasattr(CPUModelRunner, "reload_weights"):
-            reload_original = patcher.replace(CPUModelRunner, "reload_weights", reload_weights, expect_params=["self"])
+        if hasattr(CPUModelRunner, "reload_weights"):  # vLLM's own in-place reload (layerwise)
+            reload_original = CPUModelRunner.reload_weights
+
+            @functools.wraps(reload_original)  # its signature stays visible (versions.has_iterator_reload)
+            def reload_weights(self, *args, **kwargs):
+                try:
+                    return reload_original(self, *args, **kwargs)
+                finally:
+                    weights_changed(self.get_model())
+
+            patcher.replace(CPUModelRunner, "reload_weights", reload_weights, expect_params=["self"])
         if versions.has_native_head_dtype():
             from vllm.model_executor.layers.logits_processor import LogitsProcessor
 
