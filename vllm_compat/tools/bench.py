@@ -385,7 +385,10 @@ def _throughput(root: Path, hidden: int, layers: int, vocab: int, rounds: int, v
     out["fp32_head_tokens_per_s"] = head
     steps = DECODE["params"]["max_tokens"]
     tokens = DECODE["prompts"] * steps
-    extra = lambda suffix: tokens / head[f"shim_fp32_head{suffix}"] - tokens / head[f"shim_bf16_head{suffix}"]  # noqa: E731
+
+    def extra(suffix: str) -> float:
+        return tokens / head[f"shim_fp32_head{suffix}"] - tokens / head[f"shim_bf16_head{suffix}"]
+
     matmul = lambda dtype, kernel: _head_matmul_seconds(DECODE["prompts"], hidden, vocab, dtype,  # noqa: E731
                                                         vllm_kernel=kernel)
     out["fp32_head_extra_seconds"] = {
@@ -393,7 +396,8 @@ def _throughput(root: Path, hidden: int, layers: int, vocab: int, rounds: int, v
         # fp32 minus bf16 head matmul, 128 steps: with torch's GEMM for both (the theory),
         # and against the bf16 GEMM vLLM actually runs for the bf16 head (packed oneDNN)
         "theoretical_matmul": steps * (matmul(torch.float32, False) - matmul(torch.bfloat16, False)),
-        "theoretical_matmul_vs_vllm_bf16_kernel": steps * (matmul(torch.float32, False) - matmul(torch.bfloat16, True))}
+        "theoretical_matmul_vs_vllm_bf16_kernel":
+            steps * (matmul(torch.float32, False) - matmul(torch.bfloat16, True))}
     ratios["fp32 head: bf16-model tokens/s with / without"] = head["shim_fp32_head"] / head["shim_bf16_head"]
     ratios["fp32 head, tied: bf16-model tokens/s with / without"] = \
         head["shim_fp32_head_tied"] / head["shim_bf16_head_tied"]

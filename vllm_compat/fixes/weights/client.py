@@ -213,7 +213,8 @@ def _result(engine, commits: list[dict], t0: float, t1: float, paused: bool,
     previous = _last.get(_fence_key(engine))
     seconds = {**(seconds or {"receive_validate": t1 - t0, "load": t2 - t1}), "total": t2 - t0}
     result = _last[_fence_key(engine)] = WeightUpdateResult(
-        first["tensors"], first["bytes"], first["in_flight"], paused, seconds, (previous.version if previous else 0) + 1)
+        first["tensors"], first["bytes"], first["in_flight"], paused, seconds,
+        (previous.version if previous else 0) + 1)
     return result
 
 
