@@ -33,3 +33,25 @@ def test_report_prints_every_head_and_update_figure():
                  "update_from_file / bare_reload_weights"):
         assert line in text, line
     assert "1.600 s" in text and "2.3 ms" in text and "0.71 x" in text
+
+
+def test_throughput_section_computes_the_head_figures(monkeypatch, tmp_path):
+    """The section's arithmetic on canned tokens/s (no engine): the head's extra seconds, untied and tied,
+    and the measured / theory ratio."""
+    monkeypatch.setattr(bench, "build_bench_model", lambda out, *a, **k: out)
+    monkeypatch.setattr(bench, "_head_matmul_seconds", lambda b, h, v, dtype, reps=50, vllm_kernel=False:
+                        {torch.float32: 0.016, torch.bfloat16: 0.009 if not vllm_kernel else 0.008}[dtype])
+    canned = {"stock_v1": 500.0, "shim_without_fp32_head": 1000.0, "shim_bf16_head": 2048.0,
+              "shim_fp32_head": 1024.0, "shim_bf16_head_tied": 2048.0, "shim_fp32_head_tied": 512.0,
+              "raw_stock_v1": 2000.0, "processed_shim": 1900.0}
+    monkeypatch.setattr(bench, "_compare", lambda configs, rounds, log: {n: canned[n] for n in configs})
+    out = bench._throughput(tmp_path, 512, 4, 32000, 1, None, log=lambda s: None)
+    e = out["fp32_head_extra_seconds"]
+    tokens = 32 * 128
+    assert e["measured"] == tokens / 1024 - tokens / 2048 and e["measured_tied"] == tokens / 512 - tokens / 2048
+    assert abs(e["theoretical_matmul"] - 128 * 0.007) < 1e-12
+    assert abs(e["theoretical_matmul_vs_vllm_bf16_kernel"] - 128 * 0.008) < 1e-12
+    ratio = out["ratios"]["fp32 head extra time: measured / theoretical matmul (target <= 1.10)"]
+    assert abs(ratio - e["measured"] / e["theoretical_matmul"]) < 1e-12
+    assert "fp32 head extra time" in bench.format_report({"date": "", "machine": "", "vllm": "", "torch": "",
+                                                          "throughput": out})
