@@ -293,18 +293,17 @@ print("BENCH " + json.dumps(out), flush=True)
 """
 
 
-def _sampling(root: Path, hidden: int, layers: int, vocab: int, rounds: int, log,
-              configs: dict | None = None, prompts: int = 32, max_tokens: int = 128, iterations: int = 3) -> dict:
-    """Tokens/s of every sampling configuration and its fraction of greedy, stock V1 and shim."""
-    configs = configs or SAMPLING_CONFIGS
-    fp32 = build_bench_model(root / f"llama-h{hidden}-l{layers}-v{vocab}", hidden, layers, vocab)
+def _sampling_rounds(model: Path, vocab: int, sides: dict[str, tuple[str, dict]], rounds: int, log,
+                     prompts: int, max_tokens: int, iterations: int) -> dict[str, dict[str, float]]:
+    """Run SAMPLING_CHILD once per side and round (side -> (VLLM_COMPAT, configurations)), sides
+    alternating; -> side -> configuration -> median tokens/s."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_COMPAT")}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    per_round: dict[str, dict[str, list[float]]] = {"stock_v1": {}, "shim": {}}
+    per_round: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
     for r in range(rounds):
-        for side, selection in (("stock_v1", "off"), ("shim", "all")):
-            cfg = {"model": str(fp32), "vocab": vocab, "env": {"VLLM_COMPAT": selection}, "configs": configs,
+        for side, (selection, configs) in sides.items():
+            cfg = {"model": str(model), "vocab": vocab, "env": {"VLLM_COMPAT": selection}, "configs": configs,
                    "engine_args": dict(V1_ARGS, dtype="float32"), "prompts": prompts, "prompt_len": 32,
                    "max_tokens": max_tokens, "iterations": iterations}
             proc = subprocess.run([sys.executable, "-c", SAMPLING_CHILD, json.dumps(cfg)], env=env,
@@ -314,8 +313,17 @@ def _sampling(root: Path, hidden: int, layers: int, vocab: int, rounds: int, log
                 raise RuntimeError(f"sampling benchmark child failed ({proc.returncode}): {proc.stderr[-2000:]}")
             for name, m in json.loads(line[6:]).items():
                 per_round[side].setdefault(name, []).append(m["tokens"] / m["seconds"])
-            log(f"  round {r + 1}: {side:<9} " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in per_round[side].items()))
-    tps = {side: {name: statistics.median(v) for name, v in d.items()} for side, d in per_round.items()}
+            log(f"  round {r + 1}: {side:<28} " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in per_round[side].items()))
+    return {side: {name: statistics.median(v) for name, v in d.items()} for side, d in per_round.items()}
+
+
+def _sampling(root: Path, hidden: int, layers: int, vocab: int, rounds: int, log,
+              configs: dict | None = None, prompts: int = 32, max_tokens: int = 128, iterations: int = 3) -> dict:
+    """Tokens/s of every sampling configuration and its fraction of greedy, stock V1 and shim."""
+    configs = configs or SAMPLING_CONFIGS
+    fp32 = build_bench_model(root / f"llama-h{hidden}-l{layers}-v{vocab}", hidden, layers, vocab)
+    tps = _sampling_rounds(fp32, vocab, {"stock_v1": ("off", configs), "shim": ("all", configs)}, rounds, log,
+                           prompts, max_tokens, iterations)
     table = {name: {"stock_v1": tps["stock_v1"][name] / tps["stock_v1"]["greedy"],
                     "shim": tps["shim"][name] / tps["shim"]["greedy"],
                     "shim / stock_v1": tps["shim"][name] / tps["stock_v1"][name]} for name in configs}
@@ -343,27 +351,11 @@ SUPPORT_CONFIGS = {
 def _support(root: Path, hidden: int, layers: int, vocab: int, rounds: int, log,
              prompts: int = 32, max_tokens: int = 128, iterations: int = 3) -> dict:
     fp32 = build_bench_model(root / f"llama-h{hidden}-l{layers}-v{vocab}", hidden, layers, vocab)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_COMPAT")}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    sides = {"shim": ("all", SUPPORT_CONFIGS),
-             "shim without the support fix": ("-support", {k: v for k, v in SUPPORT_CONFIGS.items() if "+" not in k})}
-    per_round: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
-    for r in range(rounds):
-        for side, (selection, configs) in sides.items():
-            cfg = {"model": str(fp32), "vocab": vocab, "env": {"VLLM_COMPAT": selection}, "configs": configs,
-                   "engine_args": dict(V1_ARGS, dtype="float32"), "prompts": prompts, "prompt_len": 32,
-                   "max_tokens": max_tokens, "iterations": iterations}
-            proc = subprocess.run([sys.executable, "-c", SAMPLING_CHILD, json.dumps(cfg)], env=env,
-                                  capture_output=True, text=True, timeout=3600)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
-            if proc.returncode != 0 or line is None:
-                raise RuntimeError(f"support benchmark child failed ({proc.returncode}): {proc.stderr[-2000:]}")
-            for name, m in json.loads(line[6:]).items():
-                per_round[side].setdefault(name, []).append(m["tokens"] / m["seconds"])
-            log(f"  round {r + 1}: {side:<28} " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in per_round[side].items()))
-    tps = {side: {name: statistics.median(v) for name, v in d.items()} for side, d in per_round.items()}
     plain = [k for k in SUPPORT_CONFIGS if "+" not in k]
+    tps = _sampling_rounds(fp32, vocab, {"shim": ("all", SUPPORT_CONFIGS),
+                                         "shim without the support fix": ("-support", {k: SUPPORT_CONFIGS[k]
+                                                                                      for k in plain})},
+                           rounds, log, prompts, max_tokens, iterations)
     return {"workload": {"prompts": prompts, "prompt_len": 32, "max_tokens": max_tokens, "logprobs": 5,
                          "iterations": iterations, "rounds": rounds},
             "tokens_per_s": tps,
