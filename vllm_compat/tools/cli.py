@@ -71,8 +71,11 @@ def print_status(as_json: bool) -> int:
     print(f"selection from {ENV_REQUEST}={os.environ.get(ENV_REQUEST, 'all')!r}; "
           f"plugin {'registered' if st['plugin_registered'] else 'NOT registered'} (vllm.general_plugins)")
     for name, fix in FIXES.items():
-        state = "active" if name in st["applied"] else st["skipped"].get(name, "off")
+        skipped = st["skipped"].get(name)
+        state = "active" if name in st["applied"] else "skipped" if skipped else "off"
         print(f"  {name:<16} {state:<8} {fix.summary}")
+        if skipped:
+            print(f"  {'':<16} skipped: {skipped}")
         print(f"  {'':<16} why: {fix.why}; how: {fix.how}")
     return 0
 
