@@ -119,9 +119,9 @@ def _support_over_http(port: int, expect: bool, version: int = 0) -> None:
 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
     out = client.completions.create(model=str(MODEL), prompt=[1, 5, 9, 33, 40], max_tokens=8, temperature=0.8,
-                                    top_p=0.9, n=2, extra_body={"top_k": 20, "return_tokens_as_token_ids": True,
-                                                                "vllm_xargs": {"vllm_compat_support": 1}},
-                                    logprobs=0)
+                                    top_p=0.9, n=2, seed=3, logprobs=0,
+                                    extra_body={"top_k": 20, "ignore_eos": True, "return_tokens_as_token_ids": True,
+                                                "vllm_xargs": {"vllm_compat_support": 1}})
     for choice in out.choices:
         extra = (choice.model_extra or {}).get("vllm_compat_support")
         if not expect:
