@@ -45,17 +45,26 @@ def wants_support(sampling_params) -> bool:
     return value.strip().lower() in ("1", "true", "yes") if isinstance(value, str) else bool(value)
 
 
-def _capture(rows: torch.Tensor, found: list):
-    """The hook the ``logprobs`` fix's sampler calls with the rows its logprobs come from."""
+def _capture(rows: torch.Tensor | None, found: list):
+    """The hook the ``logprobs`` fix's sampler calls with the rows its logprobs come from
+    (``rows``: the batch rows that asked; None: all of them)."""
     def capture(logits: torch.Tensor) -> None:
-        vocab = logits.shape[1]
-        kept = torch.isfinite(logits.index_select(0, rows))
-        complement = kept.sum(dim=1) * 2 > vocab
-        listed = kept ^ complement.unsqueeze(1)  # the shorter list: kept ids, or dropped ids
-        counts = listed.sum(dim=1)
-        ids = listed.nonzero(as_tuple=True)[1].to(torch.int32)
-        # The one host read: the lists' lengths are data. Requested rows only.
-        found.append((ids.cpu().numpy(), counts.cpu().numpy(), complement.cpu().numpy()))
+        sub = logits if rows is None else logits.index_select(0, rows)
+        vocab = sub.shape[1]
+        # A processed row holds finite values and -inf (no +inf; NaN only from a broken model: not
+        # kept). Comparisons, not isfinite, and int32 counts: on CPU isfinite costs ~6x a compare and an
+        # int64 count of bools ~3x an int32 one (32 x 32000, 2 cores).
+        kept = sub > -float("inf")
+        n_kept = kept.sum(dim=1, dtype=torch.int32).cpu().numpy()  # host read 1: which list each row sends
+        complement = n_kept * 2 > vocab
+        if not complement.any():
+            listed = kept
+        elif complement.all():
+            listed = sub == -float("inf")
+        else:
+            listed = torch.where(torch.from_numpy(complement).to(sub.device).unsqueeze(1), sub == -float("inf"), kept)
+        ids = listed.nonzero(as_tuple=True)[1].to(torch.int32).cpu().numpy()  # host read 2: the ids
+        found.append((ids, np.where(complement, vocab - n_kept, n_kept), complement))
     return capture
 
 
@@ -67,7 +76,8 @@ def _sample_tokens(self, *args, **kwargs):
     if not asked:
         return sample_tokens_original(self, *args, **kwargs)
     sampler, found = self.sampler, []
-    sampler.__dict__[SUPPORT_CAPTURE] = _capture(torch.tensor(asked, device=self.device), found)
+    rows = None if len(asked) == len(req_ids) else torch.tensor(asked, device=self.device)
+    sampler.__dict__[SUPPORT_CAPTURE] = _capture(rows, found)
     discarded = set(np.nonzero(self.discard_request_mask.np[:batch.num_reqs])[0].tolist()) \
         if hasattr(self, "discard_request_mask") else set()
     try:
