@@ -1,6 +1,7 @@
-"""The exact top-p path (``processing._top_k_top_p_partial``): V0's kept set from a ``topk``,
-compared bit for bit (``torch.equal``: kept values and -inf mask) with V0's own full sort
-(``apply_top_k_top_p_sorted``) over random and adversarial rows."""
+"""The top-p path from sorted values (``processing.apply_top_k_top_p_by_value``: V0's cut from a
+sort of the values alone, no index sort) compared bit for bit (``torch.equal``: kept values and
+-inf mask) with V0's own index sort (``apply_top_k_top_p_sorted``) over random and adversarial
+rows. Rows where a tie is cut by the boundary (or with a NaN) must go to V0's sort."""
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ PS = [1e-6, 0.1, 0.5, 0.9, 0.95, 0.99, 0.999, 0.9999, 1.0]
 
 @pytest.fixture
 def sorted_rows(monkeypatch):
-    """Counts the rows the exact path hands to V0's sort (to show the fast path really ran)."""
+    """Counts the rows the values path hands to V0's index sort (to show the fast path ran)."""
     counted = []
     real = processing.apply_top_k_top_p_sorted
 
@@ -59,17 +60,16 @@ def test_zipf_rows(sorted_rows, exponent, p):
         assert sum(sorted_rows) <= 4, sorted_rows  # (measured: 0)
 
 
-def test_typical_rows_are_not_sorted(sorted_rows):
-    """randn * 4 at p = 0.9: no full sort (each decision far from 1 - p, bound included)."""
-    logits = rows_like_lm(128, 32000, 4.0, seed=11)
+def test_typical_and_flat_rows_are_not_index_sorted(sorted_rows):
+    """randn * 4 and nearly flat rows (a random model: the nucleus is most of the vocabulary) at
+    p = 0.9: no row goes to V0's index sort (no tie at the cut in continuous values)."""
+    logits = torch.cat([rows_like_lm(64, 32000, 4.0, seed=11), rows_like_lm(64, 32000, 0.4, seed=12)])
     check(logits, torch.full((128,), 32000), torch.full((128,), 0.9))
-    assert sum(sorted_rows) <= 6, sorted_rows
+    assert sum(sorted_rows) == 0, sorted_rows
 
 
 @pytest.mark.parametrize("p", PS)
-def test_small_vocab_with_few_candidates(monkeypatch, p):
-    """Small vocabularies, with the first topk made small so that rounds and the sort happen."""
-    monkeypatch.setattr(processing, "_TOP_P_CANDIDATES", 8)
+def test_small_vocabularies(p):
     for vocab, scale in [(64, 1.0), (300, 2.0), (1000, 4.0), (257, 0.3)]:
         logits = rows_like_lm(40, vocab, scale, seed=vocab + int(p * 1e4))
         check(logits, torch.full((40,), vocab), torch.full((40,), p))
@@ -82,6 +82,26 @@ def test_ties_at_the_boundary(sorted_rows, p):
     for step in (0.5, 0.25, 1.0):
         logits = (rows_like_lm(48, 32000, 3.0, seed=int(step * 8 + p * 100)) / step).round() * step
         check(logits, torch.full((48,), 32000), torch.full((48,), p))
+    if p < 1:  # p = 1 cuts nothing here (no probability underflows)
+        assert sum(sorted_rows) > 0  # some tie was cut: V0's index sort decided which copies stay
+
+
+def test_nan_rows_get_v0s_answer(sorted_rows):
+    """A broken model's NaN row: V0's sort decides (it keeps the row as it is); others unaffected."""
+    logits = rows_like_lm(6, 32000, 2.0, seed=7)
+    logits[1, 5] = float("nan")
+    logits[4] = float("nan")
+    k, p = torch.full((6,), 32000), torch.full((6,), 0.9)
+    out = apply_top_k_top_p(logits.clone(), k, p)
+    torch.testing.assert_close(out, apply_top_k_top_p_sorted(logits.clone(), k, p), rtol=0, atol=0, equal_nan=True)
+    assert sorted_rows == [2]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_logit_dtypes(dtype):
+    """The values are sorted through fp32 where numpy has no sort for the dtype (exact both ways)."""
+    logits = rows_like_lm(16, 32000, 4.0, seed=3).to(dtype)
+    check(logits, torch.full((16,), 32000), torch.full((16,), 0.9))
 
 
 @pytest.mark.parametrize("p", PS)
@@ -179,11 +199,11 @@ class _Ops(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_no_sort_on_the_fast_path_and_min_p_sorts_nothing():
+def test_no_index_sort_on_the_fast_path_and_min_p_sorts_nothing():
     logits = rows_like_lm(8, 32000, 4.0, seed=2)
     with _Ops() as ops:
         apply_top_k_top_p(logits, torch.full((8,), 32000), torch.full((8,), 0.9))
-    assert "topk" in ops.names and "sort" not in ops.names
+    assert not {"sort", "argsort"} & set(ops.names)  # the values are sorted by numpy on CPU
     with _Ops() as ops:
         out = apply_min_p(logits, torch.full((8,), 0.05))
     assert not {"sort", "argsort", "topk"} & set(ops.names)
@@ -192,7 +212,7 @@ def test_no_sort_on_the_fast_path_and_min_p_sorts_nothing():
     assert torch.equal(out.isinf(), probs < 0.05 * probs.max(-1, keepdim=True).values)
 
 
-def test_host_reads_one_per_round(monkeypatch):
+def test_host_reads_one_per_call(monkeypatch):
     reads = []
     real = processing._host
     monkeypatch.setattr(processing, "_host", lambda t: reads.append(t) or real(t))
@@ -201,7 +221,7 @@ def test_host_reads_one_per_round(monkeypatch):
     assert len(reads) == 1
     reads.clear()
     apply_top_k_top_p(logits, torch.full((16,), 32000), torch.full((16,), 0.99), k_max=32000)
-    assert len(reads) == 2  # the cut lies below the first 1024 candidates: a second round
+    assert len(reads) == 1  # however deep the cut
 
 
 def test_top_k_path_at_one_minus_p_equal_to_v0_sums():

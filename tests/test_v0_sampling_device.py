@@ -4,8 +4,8 @@ No GPU needed: tensors on the ``meta`` device have no data, so any op that mixes
 CPU tensor raises ("Tensor on device cpu is not on the expected device meta!") and so does
 any host read (``.item()``, ``bool()``, ``int()``, ``.tolist()``). A function that runs on
 meta logits therefore makes every per-call tensor on the logits' device and syncs nowhere.
-The deliberate host reads (the tie check in ``_top_k_candidates``, one per round of the exact
-top-p path ``_top_k_top_p_partial``: their answers set shapes) go through ``processing._host``;
+The deliberate host reads (the tie check in ``_top_k_candidates``; in the top-p path from sorted
+values, ``apply_top_k_top_p_by_value``, how many rows go to V0's sort: their answers set shapes) go through ``processing._host``;
 here it is replaced by scripted answers, so the test also pins how many reads each kind of
 request costs and covers the answers.
 """
@@ -52,9 +52,9 @@ S = SamplingSpec
 PROMPT = [[1, 2, 3], [], [5, 5], [7]]
 OUTPUT = [[2, 9], [4], [], [9, 9, 9]]
 NO_TIE, TIE = [True], [False, 12]  # answers for the tie check (+ the tied count)
-# Answers for the exact top-p path (a topk, no sort of the vocabulary): one read per round,
-# (rows needing a larger topk) * (ROWS + 1) + (rows needing V0's sort).
-DECIDED, SORT_TWO, GROW_ONE = [0], [2], [ROWS + 1]  # GROW_ONE: 4 * 1024 > VOCAB / 2 -> sorted
+# Answers for the top-p path from sorted values (no index sort): one read, the number of rows
+# that need V0's sort (a tie cut by the top-p boundary, or a NaN).
+DECIDED, SORT_TWO = [0], [2]
 
 # (specs per row, with tokens for penalties, answers to the host reads it must make)
 CASES = {
@@ -64,12 +64,12 @@ CASES = {
     "top_k": ([S(top_k=5)] * ROWS, False, NO_TIE),
     "top_k_ties": ([S(top_k=5)] * ROWS, False, TIE),
     "top_k_too_many_ties": ([S(top_k=5)] * ROWS, False, [False, 2000] + DECIDED),  # -> exact top-p path
-    "top_k_above_candidates": ([S(top_k=2000)] * ROWS, False, []),  # topk(2000) of 3000: V0's sort
+    "top_k_above_candidates": ([S(top_k=2000)] * ROWS, False, DECIDED),  # k > 1024: the values path
     "top_k_above_candidates_and_off": ([S(top_k=1200), S(top_p=0.9)] * (ROWS // 2), False, DECIDED),
     "top_p": ([S(top_p=0.9)] * ROWS, False, DECIDED),
     "top_p_some_rows_sorted": ([S(top_p=0.9)] * ROWS, False, SORT_TWO),
-    "top_p_some_rows_grow": ([S(top_p=0.99)] * ROWS, False, GROW_ONE),
-    "top_p_grow_and_sort": ([S(top_p=0.99)] * ROWS, False, [ROWS + 1 + 2]),
+    "top_p_near_one": ([S(top_p=0.99)] * ROWS, False, DECIDED),
+    "top_p_near_one_sorted": ([S(top_p=0.99)] * ROWS, False, [ROWS]),
     "top_p_one": ([S(top_p=1.0, top_k=-1), S(top_p=0.5)] * (ROWS // 2), False, DECIDED),
     "min_p": ([S(min_p=0.1)] * ROWS, False, []),
     "top_k_min_p": ([S(top_k=5, min_p=0.1)] * ROWS, False, NO_TIE),
@@ -136,7 +136,7 @@ def test_building_blocks_are_device_generic(monkeypatch):
     assert_device_generic(monkeypatch, apply_top_k_top_p, logits, k, p, reads=[VOCAB] + DECIDED)  # top-k off
     off = torch.full((ROWS,), VOCAB, device=META)
     assert_device_generic(monkeypatch, apply_top_k_top_p, logits, off, p, k_max=VOCAB, reads=SORT_TWO)
-    assert_device_generic(monkeypatch, processing._top_k_top_p_partial, logits, off, p, reads=GROW_ONE)
+    assert_device_generic(monkeypatch, processing.apply_top_k_top_p_by_value, logits, off, p, reads=SORT_TWO)
     assert_device_generic(monkeypatch, apply_top_k_top_p_sorted, logits, k, p)
     assert_device_generic(monkeypatch, apply_min_p, logits, torch.full((ROWS,), 0.1, device=META))
     counts = assert_device_generic(monkeypatch, bin_counts, PROMPT, VOCAB, META)
