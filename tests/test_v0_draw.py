@@ -37,3 +37,55 @@ def test_take_u32_advances_one_mt19937_word():
     words = [v0_draw.take_u32(g) for _ in range(700)]  # crosses a state regeneration
     rs = np.random.RandomState(3)
     assert words == [int(rs.randint(0, 2**32, dtype=np.uint64)) for _ in range(700)]
+
+
+def test_seeded_draw_is_the_race_over_each_rows_own_noise():
+    """All seeded rows' noise is computed at once; each row's equals its own generator's stream."""
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(1)) * 3
+    gens = {i: torch.Generator().manual_seed(50 + i) for i in (0, 2, 5)}
+    twins = {i: torch.Generator().manual_seed(50 + i) for i in (0, 2, 5)}
+    got = v0_draw.seeded_draw(logits, gens)
+    want = {i: int((logits[i].softmax(-1) / v0_draw.exponential_noise(twins[i], 1000)).argmax()) for i in sorted(twins)}
+    assert got == want
+
+
+def test_unseeded_draw_samples_the_distribution_and_never_a_banned_token():
+    """Inverse CDF: empirical frequencies match softmax (chi-square); -inf tokens never drawn."""
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, -float("inf"), 2.0, -1.0, -float("inf")]]).repeat(200_000, 1)
+    tokens = v0_draw.unseeded_draw(logits)
+    counts = torch.bincount(tokens, minlength=6).double()
+    assert counts[2] == 0 and counts[5] == 0
+    expected = logits[0].softmax(-1).double() * tokens.numel()
+    keep = expected > 0
+    chi2 = (((counts - expected) ** 2)[keep] / expected[keep]).sum()
+    assert chi2 < 18.5  # 3 degrees of freedom, p = 0.0003
+    # the same check fails for a wrong distribution (e.g. temperature 2), so it can fail
+    wrong = logits[0].div(2).softmax(-1).double() * tokens.numel()
+    assert ((((counts - wrong) ** 2)[keep] / wrong[keep]).sum()) > 1000
+
+
+def test_unseeded_draw_edges():
+    """One finite token; the uniform at its largest; probabilities that underflow to 0."""
+    row = torch.full((1, 50), -float("inf"))
+    row[0, 49] = 0.0
+    assert v0_draw.unseeded_draw(row).tolist() == [49]
+    torch.manual_seed(1)
+    logits = torch.cat([torch.zeros(1, 10), torch.full((1, 10), -200.0)], dim=1)  # exp underflows
+    assert (v0_draw.unseeded_draw(logits.repeat(5000, 1)) < 10).all()
+    cum = torch.tensor([[0.25, 0.5, 0.5, 1.0]], dtype=torch.float64)
+    total = cum[:, -1:]
+    u = torch.minimum(total, total.nextafter(torch.zeros_like(total)))  # a uniform of 1 - 2^-53 at worst
+    assert torch.searchsorted(cum, u, right=True).item() == 3
+
+
+def test_draw_mixes_seeded_and_unseeded_rows():
+    logits = torch.full((4, 8), -float("inf"))
+    logits[:, 3] = 0.0  # one possible token per row
+    logits[2, 6] = 0.0
+    gens = {2: torch.Generator().manual_seed(9)}
+    twin = torch.Generator().manual_seed(9)
+    tokens = v0_draw.draw(logits, gens).tolist()
+    assert tokens[0] == tokens[1] == tokens[3] == 3
+    assert tokens[2] == v0_draw.seeded_draw(logits, {2: twin})[2]
+    assert v0_draw.draw(logits[:1], {0: torch.Generator().manual_seed(2)}).tolist() == [3]

@@ -8,9 +8,10 @@ top-k/top-p kernels, and counts ranks with ``>=`` (V0: 1 + #strictly greater).
 How: ``Sampler.sample`` is replaced by V0's order -- penalties (already applied by
 ``Sampler.forward``) -> temperature -> sort-based top-k/top-p
 (:func:`vllm_compat.v0_sampling.apply_top_k_top_p`) -> argmax-invariant processors
-(min-p) -> log_softmax; the draw itself still goes through vLLM's sampler with no further
-filtering, except seeded rows on CPU, which get V0's exponential race bit for bit
-(:mod:`vllm_compat.v0_draw`), so seeded V1 tokens equal V0's. Under chunked prefill a seeded
+(min-p) -> log_softmax; the draw itself goes through vLLM's sampler with no further
+filtering, except on CPU, where seeded rows get V0's exponential race bit for bit (so seeded
+V1 tokens equal V0's) and unseeded rows an inverse-CDF draw (:mod:`vllm_compat.v0_draw`).
+Under chunked prefill a seeded
 CPU row is drawn only at the step that completes its prompt (V0 sampled it only then) and
 vLLM's ``set_offset`` rewind of the discarded draw, which CPU generators lack, is skipped for
 those rows. Greedy rows: log_softmax of the post-penalty logits. The configure hook turns
@@ -115,22 +116,20 @@ def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
     for processor in md.logitsprocs.argmax_invariant:  # min-p, after top-k/top-p as in V0
         logits = _apply_rounded(processor, logits, rounded) if pdt is not None else processor.apply(logits)
     _capture_support(self, logits)
-    # The draw: vLLM's own sampler over the already-filtered distribution; on CPU, seeded
-    # rows get V0's exponential race instead (vLLM's CPU draw is a fused Gumbel kernel).
-    emulate = bool(md.generators) and logits.device.type == "cpu"
-    sampled, processed = self.topk_topp_sampler(logits, {} if emulate else md.generators, None, None)
-    if emulate:
-        # Rows of a partially prefilled prompt are sampled and thrown away (chunked prefill);
-        # V0 drew a request only once its whole prompt was in, so they take no draw here.
+    if logits.device.type == "cpu":
+        # V0's draws (v0_draw): seeded rows bit for bit, unseeded ones from the same
+        # distribution at a fraction of the cost of vLLM's CPU Gumbel kernel. Rows of a partially
+        # prefilled prompt are sampled and thrown away (chunked prefill); V0 drew a request only
+        # once its whole prompt was in, so they take no seeded draw.
         skip = getattr(self, "v0_partial_prefill_rows", ())
-        generators = {row: g for row, g in md.generators.items() if row not in skip}
-        if generators:
-            for row, token in v0_draw.seeded_draw(logits, generators).items():
-                sampled[row] = token
-    if want and processed is None:
-        processed = _processed_output(logits, mode)
-    if not want:
-        processed = None
+        sampled = v0_draw.draw(logits, {row: g for row, g in md.generators.items() if row not in skip})
+        processed = _processed_output(logits, mode) if want else None
+    else:  # vLLM's own draw over the already-filtered distribution
+        sampled, processed = self.topk_topp_sampler(logits, md.generators, None, None)
+        if want and processed is None:
+            processed = _processed_output(logits, mode)
+        if not want:
+            processed = None
     if greedy is not None:
         sampled = torch.where(md.temperature < _SAMPLING_EPS, greedy, sampled, out=greedy)
     return sampled, processed

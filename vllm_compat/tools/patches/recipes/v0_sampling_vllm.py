@@ -13,14 +13,14 @@ V1 applies min-p *before* top-k/top-p (they do not commute once top-p is set), m
 kernels with other tie handling, ranks a token as the number of entries ``>=`` its logprob
 (V0: 1 + the number strictly greater), and never processes prompt logprobs. The functions
 at the end of this module (``sample``, ``count_ranks``, ``prompt_logprobs``) give the V1
-sampler and model runner V0's semantics. The draw itself stays V1's, except for seeded
-requests on CPU, which use V0's exponential race so that a seeded request gives the tokens
-V0 gave.
+sampler and model runner V0's semantics. The draw itself stays V1's, except on CPU: seeded
+requests use V0's exponential race, so that a seeded request gives the tokens V0 gave, and
+unseeded ones an inverse-CDF draw of the same distribution.
 """
 # The vLLM side of the module that `vllm-compat patches build` writes into logprobs.patch
 # (vllm/v1/sample/ops/v0_sampling.py): this file's header, then the code of
 # vllm_compat/v0_sampling.py and vllm_compat/v0_draw.py, then the functions below, which
-# use their names (apply_top_k_top_p, seeded_draw, SamplingSpec, v0_processed_logprobs).
+# use their names (apply_top_k_top_p, draw, SamplingSpec, v0_processed_logprobs).
 from vllm.platforms import current_platform
 
 
@@ -69,19 +69,17 @@ def sample(sampler, logits: torch.Tensor, sampling_metadata, logprobs_mode: str)
         logits = apply_top_k_top_p(logits, k, p)
     for processor in md.logitsprocs.argmax_invariant:  # min-p, after top-k/top-p
         logits = processor.apply(logits)
-    # The draw: V1's sampler over the filtered distribution (no further filtering). On CPU,
-    # seeded rows take V0's exponential race instead.
-    emulate = bool(md.generators) and logits.device.type == "cpu"
-    sampled, logprobs = sampler.topk_topp_sampler(
-        logits, {} if emulate else md.generators, None, None
-    )
-    if emulate:
-        for row, token in seeded_draw(logits, md.generators).items():
-            sampled[row] = token
-    if want_logprobs and logprobs is None:
-        logprobs = processed(logits)
-    if not want_logprobs:
-        logprobs = None
+    # The draw: on CPU V0's (seeded rows by its exponential race, unseeded ones by inverse
+    # CDF, cheaper than V1's CPU Gumbel kernel); elsewhere V1's sampler over the filtered
+    # distribution (no further filtering).
+    if logits.device.type == "cpu":
+        sampled, logprobs = draw(logits, md.generators), processed(logits)
+    else:
+        sampled, logprobs = sampler.topk_topp_sampler(logits, md.generators, None, None)
+        if want_logprobs and logprobs is None:
+            logprobs = processed(logits)
+        if not want_logprobs:
+            logprobs = None
     if greedy is not None:
         sampled = torch.where(md.temperature < _GREEDY_EPS, greedy, sampled, out=greedy)
     return sampled, logprobs
