@@ -6,6 +6,8 @@ import torch
 
 from vllm_compat import v0_draw
 
+INF = float("inf")
+
 TORCH_2_6 = {  # seed -> per call: values at indices 0, 1, 511, 1023
     7: [[1.879826545715332, 0.2323874533176422, 0.5896647572517395, 0.8842908143997192],
         [0.7881654500961304, 2.4041571617126465, 0.06466549634933472, 0.05214708298444748]],
@@ -89,3 +91,39 @@ def test_draw_mixes_seeded_and_unseeded_rows():
     assert tokens[0] == tokens[1] == tokens[3] == 3
     assert tokens[2] == v0_draw.seeded_draw(logits, {2: twin})[2]
     assert v0_draw.draw(logits[:1], {0: torch.Generator().manual_seed(2)}).tolist() == [3]
+
+
+def _dense_race(probs, x0):
+    return probs.div(v0_draw._noise(torch.tensor(x0), probs.shape[1])).argmax(dim=1)
+
+
+def test_race_on_filtered_rows_equals_the_dense_race_including_zero_noise():
+    """With filters the noise is computed only where it matters; the result is the dense race's,
+    also where a noise value is 0 (float32(x / M) == 1): 0 / 0 = NaN at a zero probability wins
+    V0's argmax, and p / 0 = -inf at the only positive probability loses to the zeros."""
+    n, m = 1000, v0_draw._M
+    powers = v0_draw._powers(n)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, n, generator=g) * 3
+    logits = logits.masked_fill(logits < logits.topk(20, -1).values[:, -1:], -INF)
+    logits[4] = -INF
+    logits[4, 500] = 0.0  # one possible token
+    probs = logits.softmax(-1)
+    # seeds whose noise is 0 at a chosen k: x0 = (M - 1) / A^k mod M
+    x0 = [12345, int((m - 1) * pow(int(powers[7]), m - 2, m) % m), 777,
+          int((m - 3) * pow(int(powers[999]), m - 2, m) % m), int((m - 1) * pow(int(powers[500]), m - 2, m) % m), 1]
+    assert v0_draw._noise(torch.tensor(x0), n)[[1, 3, 4], [7, 999, 500]].eq(0).all()
+    got, want = v0_draw._race(probs, x0), _dense_race(probs, x0)
+    assert torch.equal(got, want)
+    assert want[1] == 7 or probs[1, 7] > 0  # NaN at a zero probability: V0 drew a filtered token
+    assert want[4] == 0  # the only possible token's noise is 0: -inf, the zeros win (first index)
+
+
+def test_race_sparse_and_dense_agree_on_random_filtered_rows():
+    g = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        logits = torch.randn(16, 4000, generator=g) * 3
+        logits = logits.masked_fill(logits < logits.topk(1 + trial * 7, -1).values[:, -1:], -INF)
+        x0 = torch.randint(1, v0_draw._M, (16,), generator=g).tolist()
+        probs = logits.softmax(-1)
+        assert torch.equal(v0_draw._race(probs, x0), _dense_race(probs, x0))

@@ -33,15 +33,29 @@ class GeneratorLayoutChanged(RuntimeError):
     pass
 
 
+def _temper(y: int) -> int:
+    y ^= y >> 11
+    y ^= (y << 7) & 0x9D2C5680
+    y ^= (y << 15) & 0xEFC60000
+    return y ^ (y >> 18)
+
+
 def take_u32(generator: torch.Generator) -> int:
     """Advance a CPU torch.Generator by exactly one mt19937 32-bit draw and return it."""
-    state = generator.get_state().numpy().copy()
+    state = generator.get_state().numpy()  # a fresh copy
     if state.size != _STATE_BYTES or int(state[:8].view("<u8")[0]) != generator.initial_seed():
         raise GeneratorLayoutChanged(f"unexpected torch CPU generator state ({state.size} bytes)")
     left, nxt = int(state[8:12].view("<i4")[0]), int(state[16:20].view("<u4")[0])
+    if left > 1 and 0 <= nxt < _MT_WORDS:  # the next word is in the state: temper it (torch's operator())
+        word = int(state[_KEY_OFFSET + 8 * nxt:_KEY_OFFSET + 8 * nxt + 4].view("<u4")[0])
+        state[8:12] = np.array([left - 1], "<i4").view(np.uint8)
+        state[16:20] = np.array([nxt + 1], "<u4").view(np.uint8)
+        generator.set_state(torch.from_numpy(state))
+        return _temper(word)
+    # torch's left_ == 1: the state is regenerated first (once in 624 draws); numpy's MT19937 does it
     key = state[_KEY_OFFSET:_KEY_OFFSET + 8 * _MT_WORDS].view("<u8").astype(np.uint32)
     rs = np.random.RandomState()
-    rs.set_state(("MT19937", key, _MT_WORDS if left == 1 else nxt))  # torch left_==1: regenerate next
+    rs.set_state(("MT19937", key, _MT_WORDS if left == 1 else nxt))
     draw = int(rs.randint(0, 2**32, dtype=np.uint64))  # one 32-bit word
     _, key, pos, *_ = rs.get_state()
     state[_KEY_OFFSET:_KEY_OFFSET + 8 * _MT_WORDS] = key.astype("<u8").view(np.uint8)
@@ -61,12 +75,34 @@ def _powers(n: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _noise(x0: torch.Tensor, n: int) -> torch.Tensor:
-    """[rows] MCG31 seeds -> [rows, n]: each row's torch 2.6 exponential noise."""
-    xs = x0.unsqueeze(1) * _powers(n)  # < 2^62
-    xs = (xs & _M) + (xs >> 31)  # = xs mod M, up to one M too many (2^31 = 1 mod M)
+def _noise_of(products: torch.Tensor) -> torch.Tensor:
+    """x0 * A^k (int64, < 2^62) -> torch 2.6's exponential noise -log(float32(x_k / M))."""
+    xs = (products & _M) + (products >> 31)  # = x_k mod M, up to one M too many (2^31 = 1 mod M)
     xs = torch.where(xs >= _M, xs - _M, xs)
     return (xs.double() / _M).float().log().neg_()
+
+
+def _noise(x0: torch.Tensor, n: int) -> torch.Tensor:
+    """[rows] MCG31 seeds -> [rows, n]: each row's torch 2.6 exponential noise."""
+    return _noise_of(x0.unsqueeze(1) * _powers(n))
+
+
+@lru_cache(maxsize=8)
+def _sorted_powers(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    powers = _powers(n)
+    order = powers.argsort()
+    return powers[order], order
+
+
+def _zero_noise_positions(x0: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, k) of every k < n whose noise is 0 (float32(x_k / M) rounds to 1: x_k >= M - 63;
+    M - 64 and up are taken): x0 * A^k = t mod M <=> A^k = t / x0, looked up among the powers."""
+    values, order = _sorted_powers(n)
+    inverse = torch.tensor([pow(x, _M - 2, _M) for x in x0])
+    targets = inverse.unsqueeze(1) * torch.arange(_M - 64, _M) % _M  # [rows, 64], A^k to look for
+    at = torch.searchsorted(values, targets).clamp_(max=n - 1)
+    row, j = (values[at] == targets).nonzero(as_tuple=True)
+    return row, order[at[row, j]]
 
 
 def exponential_noise(generator: torch.Generator, n: int) -> torch.Tensor:
@@ -78,8 +114,24 @@ def seeded_draw(logits: torch.Tensor, generators: dict[int, torch.Generator]) ->
     """V0's exponential race for the seeded rows of already-processed logits."""
     rows = sorted(generators)
     probs = logits[rows].softmax(dim=-1, dtype=torch.float32)
-    q = _noise(torch.tensor([take_u32(generators[i]) % _M or 1 for i in rows]), logits.shape[1])
-    return dict(zip(rows, probs.div_(q).argmax(dim=1).tolist()))
+    return dict(zip(rows, _race(probs, [take_u32(generators[i]) % _M or 1 for i in rows]).tolist()))
+
+
+def _race(probs: torch.Tensor, x0: list[int]) -> torch.Tensor:
+    """``argmax(probs / noise)`` per row, bit for bit, for rows with MCG31 seeds ``x0``. A
+    probability of 0 gives 0 there unless its noise is 0 too (0 / 0: NaN, which argmax takes),
+    so where most probabilities are 0 (filters) the noise is computed only at the positive ones
+    and at the rare zero noise."""
+    n = probs.shape[1]
+    positive = probs > 0
+    if int(positive.sum()) * 4 > positive.numel():  # mostly positive: the whole rows
+        return probs.div(_noise(torch.tensor(x0), n)).argmax(dim=1)
+    r, k = positive.nonzero(as_tuple=True)
+    zr, zk = _zero_noise_positions(x0, n)
+    r, k = torch.cat([r, zr]), torch.cat([k, zk])
+    scores = torch.zeros_like(probs)  # V0's 0 / noise, where both are not 0
+    scores[r, k] = probs[r, k] / _noise_of(torch.tensor(x0)[r] * _powers(n)[k])
+    return scores.argmax(dim=1)
 
 
 def unseeded_draw(logits: torch.Tensor) -> torch.Tensor:

@@ -66,8 +66,8 @@ def test_perturbed_noise_fails_every_seeded_scenario_on_token_identity(monkeypat
     """The subtle break: V0's exponential noise, the generator advanced exactly as V0 does, but
     the values shifted by one place (still Exp(1) noise, so the draw is a correct sample of the
     same distribution; only V0's seeded tokens are lost)."""
-    real = v0_draw._noise
-    monkeypatch.setattr(v0_draw, "_noise", lambda x0, n: torch.roll(real(x0, n), 1, dims=1))
+    real = v0_draw._noise_of  # every seeded draw's noise goes through it
+    monkeypatch.setattr(v0_draw, "_noise_of", lambda products: torch.roll(real(products), 1, dims=-1))
     rows = run(llm, SEEDED)
     for row in rows:
         print(verify.format_row(row))  # the evidence, with -s
