@@ -127,3 +127,21 @@ def test_race_sparse_and_dense_agree_on_random_filtered_rows():
         x0 = torch.randint(1, v0_draw._M, (16,), generator=g).tolist()
         probs = logits.softmax(-1)
         assert torch.equal(v0_draw._race(probs, x0), _dense_race(probs, x0))
+
+
+def test_unseeded_draw_across_blocks():
+    """700 tokens (3 blocks, the last one padded), a third banned: chi-square over every token."""
+    g = torch.Generator().manual_seed(4)
+    row = torch.randn(700, generator=g) * 1.5
+    row[torch.rand(700, generator=g) < 0.33] = -INF
+    torch.manual_seed(5)
+    tokens = v0_draw.unseeded_draw(row.repeat(400_000, 1))
+    counts = torch.bincount(tokens, minlength=700).double()
+    assert counts[row.isinf()].sum() == 0
+    expected = row.softmax(-1).double() * tokens.numel()
+    keep = expected > 0
+    dof = int(keep.sum()) - 1
+    chi2 = (((counts - expected) ** 2)[keep] / expected[keep]).sum()
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5, (chi2, dof)
+    wrong = row.mul(1.05).softmax(-1).double() * tokens.numel()  # 5 % off in temperature: caught
+    assert (((counts - wrong) ** 2)[keep] / wrong[keep]).sum() > dof + 6 * (2 * dof) ** 0.5

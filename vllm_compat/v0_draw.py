@@ -134,14 +134,32 @@ def _race(probs: torch.Tensor, x0: list[int]) -> torch.Tensor:
     return scores.argmax(dim=1)
 
 
+_BLOCK = 256  # the unseeded draw finds a block of this many tokens first, then the token in it
+
+
+def _below(x: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    return torch.minimum(x, limit.nextafter(torch.zeros_like(limit)))
+
+
 def unseeded_draw(logits: torch.Tensor) -> torch.Tensor:
-    """A token per row from softmax(logits), by inverse CDF, uniforms from the global generator.
-    Tokens of probability 0 (-inf) are never drawn: the search lands where the sum grows."""
-    cum = logits.softmax(dim=-1, dtype=torch.float32).cumsum(dim=-1, dtype=torch.float64)
-    total = cum[:, -1:]
-    u = torch.rand(total.shape, dtype=torch.float64, device=logits.device) * total
-    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # u < total, whatever rounding did
-    return torch.searchsorted(cum, u, right=True).squeeze(1)
+    """A token per row from softmax(logits), by inverse CDF, uniforms from the global generator:
+    the block of ``_BLOCK`` tokens whose cumulative sum passes the uniform, then the token in it
+    (a sequential ``cumsum`` over the whole row costs more than the rest of the draw). The
+    search lands only where a sum grows, so tokens of probability 0 (-inf) are never drawn."""
+    rows, vocab = logits.shape
+    probs = logits.softmax(dim=-1, dtype=torch.float32)
+    if vocab % _BLOCK:
+        probs = torch.nn.functional.pad(probs, (0, _BLOCK - vocab % _BLOCK))
+    blocks = probs.view(rows, -1, _BLOCK)
+    ends = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # [rows, blocks]
+    total = ends[:, -1:]
+    u = _below(torch.rand(total.shape, dtype=torch.float64, device=logits.device) * total, total)
+    block = torch.searchsorted(ends, u, right=True)  # ends[block] > u: the block holds mass
+    start = torch.where(block > 0, ends.gather(1, (block - 1).clamp(min=0)), 0.0)
+    inside = blocks.gather(1, block.unsqueeze(-1).expand(rows, 1, _BLOCK)).squeeze(1).cumsum(dim=-1, dtype=torch.float64)
+    # The block's own cumsum may end a rounding below ends[block] - start: stay inside it.
+    at = torch.searchsorted(inside, _below(u - start, inside[:, -1:]), right=True)
+    return (block * _BLOCK + at).squeeze(1)
 
 
 def draw(logits: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
