@@ -156,7 +156,8 @@ def unseeded_draw(logits: torch.Tensor) -> torch.Tensor:
     u = _below(torch.rand(total.shape, dtype=torch.float64, device=logits.device) * total, total)
     block = torch.searchsorted(ends, u, right=True)  # ends[block] > u: the block holds mass
     start = torch.where(block > 0, ends.gather(1, (block - 1).clamp(min=0)), 0.0)
-    inside = blocks.gather(1, block.unsqueeze(-1).expand(rows, 1, _BLOCK)).squeeze(1).cumsum(dim=-1, dtype=torch.float64)
+    inside = blocks.gather(1, block.unsqueeze(-1).expand(rows, 1, _BLOCK)).squeeze(1)
+    inside = inside.cumsum(dim=-1, dtype=torch.float64)
     # The block's own cumsum may end a rounding below ends[block] - start: stay inside it.
     at = torch.searchsorted(inside, _below(u - start, inside[:, -1:]), right=True)
     return (block * _BLOCK + at).squeeze(1)

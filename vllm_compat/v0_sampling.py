@@ -285,10 +285,11 @@ def apply_top_k_top_p_by_value(logits: torch.Tensor, k: torch.Tensor, p: torch.T
         return logits.clone()
     srt = _sorted_values(logits)
     kth = srt.gather(1, (vocab - k.to(torch.long)).unsqueeze(1))
-    masked = srt.masked_fill(srt < kth, -float("inf"))
-    probs_sum = masked.softmax(dim=-1).cumsum(dim=-1)  # V0's numbers, computed on V0's sorted row
-    dropped = (probs_sum <= 1 - p.unsqueeze(1)).sum(dim=-1, keepdim=True).clamp_(max=vocab - 1)
-    cut = torch.maximum(dropped, (srt < kth).sum(dim=-1, keepdim=True))  # both masks drop a prefix
+    below_kth = srt < kth
+    probs_sum = srt.masked_fill(below_kth, -float("inf")).softmax(dim=-1).cumsum(dim=-1)  # V0's numbers
+    # Both masks drop a prefix (never the last value). int32 counts: a bool sum into int64 is ~5x slower.
+    dropped = (probs_sum <= 1 - p.unsqueeze(1)).sum(dim=-1, keepdim=True, dtype=torch.int32)
+    cut = torch.maximum(dropped, below_kth.sum(dim=-1, keepdim=True, dtype=torch.int32)).clamp_(max=vocab - 1).long()
     first_kept = srt.gather(1, cut)
     tie_cut = (cut > 0) & (srt.gather(1, (cut - 1).clamp_(min=0)) == first_kept)
     sort_rows = tie_cut.squeeze(1) | srt[:, -1].isnan()
