@@ -16,9 +16,15 @@ no CPU ``mm(..., out_dtype=float32)``), which cost more than the projection itse
 model loads, an untied head's weight is therefore stored in fp32 (:func:`store_head_in_fp32`):
 bf16/fp16 -> fp32 is exact, so the logits are bit for bit those of per-step conversion, and
 weight loaders ``copy_`` new values into it (casting), so updates land as before. Tied heads
-keep sharing the embedding's tensor, untouched.
+keep sharing the embedding's tensor, untouched; the projection uses an fp32 copy of it
+(:func:`fp32_head_weight`, the same exact conversion, made once) that every weight load marks
+stale (:func:`weights_changed`: called by vllm-compat's updates, after ``model.load_weights``
+and after vLLM's ``reload_weights``) and that is remade at the next step. Checking it costs a
+step no host sync (pointer, dtype and shape of the live weight, and a counter).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +58,21 @@ def configure(engine_args) -> None:
     engine_args.hf_overrides = overrides
 
 
+def _watch_loads(model) -> None:
+    """``model.load_weights`` (what vLLM's weight transfer and V0-era RL code call) tells
+    :func:`weights_changed` afterwards."""
+    original = model.load_weights
+
+    @functools.wraps(original)
+    def load_weights(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        finally:
+            weights_changed(model, rebuilt=False)
+
+    model.load_weights = load_weights
+
+
 def store_head_in_fp32(model) -> bool:
     """Store an untied bf16/fp16 ``lm_head.weight`` in fp32, in place (same Parameter).
     Returns whether it did. Called after the model loads and after every weight update."""
@@ -71,6 +92,41 @@ def store_head_in_fp32(model) -> bool:
     return True
 
 
+def weights_changed(model, rebuilt: bool = True) -> None:
+    """Called after anything loaded weights into ``model``: a derived fp32 copy of the head is
+    remade before its next use. ``rebuilt``: the load may have replaced the head's tensor (vLLM's
+    layerwise reload rebuilds it in the model dtype): store an untied head in fp32 again. Not
+    from inside a load that is still running (``model.load_weights`` under that reload)."""
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        head._vllm_compat_fp32_generation = getattr(head, "_vllm_compat_fp32_generation", 0) + 1
+    if rebuilt and getattr(model, "_vllm_compat_fp32_head", False):
+        store_head_in_fp32(model)
+
+
+def fp32_head_weight(head) -> torch.Tensor:
+    """``head.weight`` in fp32: itself when it already is (an untied head stored in fp32), else
+    a copy (a tied head: the embedding's tensor, never converted in place) kept until
+    :func:`weights_changed` or a new weight tensor makes it stale. Host-sync free."""
+    weight = head.weight
+    if weight.dtype == torch.float32:
+        return weight
+    key = (weight.data_ptr(), weight.dtype, tuple(weight.shape), weight.device,
+           getattr(head, "_vllm_compat_fp32_generation", 0))
+    cached = getattr(head, "_vllm_compat_fp32_copy", None)
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().to(torch.float32))
+        head._vllm_compat_fp32_copy = None  # drop the stale copy before making the new one
+        head._vllm_compat_fp32_copy = cached
+    return cached[1]
+
+
+def _plain_head(lm_head) -> bool:
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    return isinstance(getattr(lm_head, "quant_method", None), UnquantizedEmbeddingMethod)
+
+
 def _fp32_head_on(model_config) -> bool:
     if versions.has_native_head_dtype():
         return getattr(model_config, "head_dtype", None) == torch.float32
@@ -88,19 +144,43 @@ def patch(patcher) -> None:
             model = self.get_model()
             if _fp32_head_on(self.model_config) and self.model_config.dtype != torch.float32:
                 model._vllm_compat_fp32_head = store_head_in_fp32(model)
+                _watch_loads(model)
             return loaded
 
         load_original = patcher.replace(CPUModelRunner, "load_model", load_model, expect_params=["self"])
+        if hasattr(CPUModelRunner, "reload_weights"):  # vLLM's own in-place reload (layerwise)
+            reload_original = CPUModelRunner.reload_weights
+
+            @functools.wraps(reload_original)  # its signature stays visible (versions.has_iterator_reload)
+            def reload_weights(self, *args, **kwargs):
+                try:
+                    return reload_original(self, *args, **kwargs)
+                finally:
+                    weights_changed(self.get_model())
+
+            patcher.replace(CPUModelRunner, "reload_weights", reload_weights, expect_params=["self"])
+        if versions.has_native_head_dtype():
+            from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+            def _apply_head(self, lm_head, hidden_states, embedding_bias, *args, **kwargs):
+                # vLLM converts the weight to fp32 at every step here (no CPU out_dtype matmul).
+                if self.head_dtype != torch.float32 or hidden_states.dtype == torch.float32 or args or kwargs \
+                        or not _plain_head(lm_head):
+                    return apply_original(self, lm_head, hidden_states, embedding_bias, *args, **kwargs)
+                return F.linear(hidden_states.to(torch.float32), fp32_head_weight(lm_head),
+                                None if embedding_bias is None else embedding_bias.to(torch.float32))
+
+            apply_original = patcher.replace(LogitsProcessor, "_apply_head", _apply_head,
+                                             expect_params=["self", "lm_head", "hidden_states", "embedding_bias"])
     if versions.has_native_head_dtype():
         return
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
-    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
     def _get_logits(self, hidden_states, lm_head, embedding_bias, *args, **kwargs):
-        if hidden_states.dtype == torch.float32 or not isinstance(lm_head.quant_method, UnquantizedEmbeddingMethod):
+        if hidden_states.dtype == torch.float32 or not _plain_head(lm_head):
             return original(self, hidden_states, lm_head, embedding_bias, *args, **kwargs)
-        logits = F.linear(hidden_states.float(), lm_head.weight.float(),
-                          None if embedding_bias is None else embedding_bias.float())
+        weight = fp32_head_weight(lm_head) if current_platform.is_cpu() else lm_head.weight.float()
+        logits = F.linear(hidden_states.float(), weight, None if embedding_bias is None else embedding_bias.float())
         logits = self._gather_logits(logits)  # TP: vocab-sharded head, gathered like vLLM does
         return None if logits is None else logits[..., : self.org_vocab_size]
 

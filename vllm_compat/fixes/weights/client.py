@@ -15,6 +15,13 @@ continued with the new weights. ``update_weights`` does the same on V1:
      lists the problems: nothing changed;
   3. commit: every worker loads its batch in place and refreshes derived state.
 
+With a single worker (no tensor or pipeline parallelism, one replica) steps 1-3 are one RPC
+(``vllm_compat_update_weights``): the worker validates and plans the whole update, and loads it
+only if it found no problem, so a bad or partial update is still refused before any tensor is
+touched. That RPC runs in the engine core between two steps; where the engine core also runs
+one batch at a time (no async scheduling: the CPU platform forces it off) that is already the
+blocking step 0 gives, so no pause is taken either.
+
 What is atomic: steps 0-2 change nothing, whatever happens (a refusal, a timeout, a cancelled
 task, a dead trainer): the staged copies are dropped, temporary files removed and the engine
 resumed before update_weights returns or raises. Step 3 cannot be interrupted once it started:
@@ -197,14 +204,62 @@ def last_update(engine) -> WeightUpdateResult | None:
     return _last.get(_fence_key(engine))
 
 
-def _result(engine, commits: list[dict], t0: float, t1: float, paused: bool) -> WeightUpdateResult:
+def _result(engine, commits: list[dict], t0: float, t1: float, paused: bool,
+            seconds: dict[str, float] | None = None) -> WeightUpdateResult:
+    """``seconds``: the worker's own receive_validate and load times (one-RPC updates); else they
+    are taken between the RPCs here."""
     t2 = time.perf_counter()
     first = commits[0]
     previous = _last.get(_fence_key(engine))
+    seconds = {**(seconds or {"receive_validate": t1 - t0, "load": t2 - t1}), "total": t2 - t0}
     result = _last[_fence_key(engine)] = WeightUpdateResult(
-        first["tensors"], first["bytes"], first["in_flight"], paused,
-        {"receive_validate": t1 - t0, "load": t2 - t1, "total": t2 - t0}, (previous.version if previous else 0) + 1)
+        first["tensors"], first["bytes"], first["in_flight"], paused, seconds,
+        (previous.version if previous else 0) + 1)
     return result
+
+
+def _one_worker(engine) -> bool:
+    """Whether the engine has a single worker (one RPC can validate and load: no other worker's
+    refusal to wait for)."""
+    return tp.broadcast_world_size(_parallel_config(engine)) == 2  # the trainer + one worker
+
+
+def _one_batch_at_a_time(engine) -> bool:
+    """Whether the engine core finishes each step before it handles an RPC (no batch queue:
+    no async scheduling, no pipeline parallelism), so an RPC already runs between two steps."""
+    config = engine.vllm_config
+    return (getattr(config.scheduler_config, "async_scheduling", None) is False  # resolved, and off
+            and config.parallel_config.pipeline_parallel_size == 1)
+
+
+def _names_of(spec: tp.TransportSpec) -> list[str]:
+    """The update's tensor names as far as the client can tell without the workers (for the
+    fence after a one-RPC update whose RPC itself failed): a file's header; else none known, and
+    the next update that succeeds lifts the fence."""
+    try:
+        return sorted(tp.safetensors_headers(tp.safetensors_files(spec.params["path"]))) if spec.name == "file" else []
+    except Exception:
+        return []
+
+
+def _one_rpc_outcome(engine, report: dict, cancelled: bool, t0: float, paused: bool,
+                     timeout: float | None) -> WeightUpdateResult:
+    """The result of ``vllm_compat_update_weights``, or its refusal (nothing loaded), or the
+    fence when its load failed part-way."""
+    names = report["names"]
+    if report["load_error"] is not None:
+        error = RuntimeError(report["load_error"])
+        _set_fence(engine, names, error)
+        raise _incomplete(names, error)
+    if report["commit"] is None:  # nothing was loaded
+        if cancelled:
+            raise asyncio.CancelledError()
+        if report["timed_out"]:
+            raise WeightUpdateTimeout(f"weight update refused, nothing changed: not received and validated within "
+                                      f"{timeout} s")
+        raise _refusal(sorted(report["problems"]))
+    _lift_fence(engine, names)
+    return _result(engine, [report["commit"]], t0, t0, paused, report["seconds"])
 
 
 def _cleanup(cleanups: list) -> None:
@@ -242,6 +297,17 @@ def update_weights(engine, weights: Weights, *, timeout: float | None = None):
         try:
             spec = _spec(weights, cleanups, timeout)
             t0 = time.perf_counter()
+            if _one_worker(engine):
+                try:
+                    (report,) = engine.collective_rpc("vllm_compat_update_weights", args=(*spec.as_rpc_args(), timeout))
+                except Exception as e:  # the RPC itself failed: whether the load had started is unknown
+                    report = {"names": _names_of(spec), "load_error": f"{type(e).__name__}: {e}"}
+                try:
+                    return _one_rpc_outcome(engine, report, False, t0, False, timeout)
+                except WeightUpdateIncomplete:
+                    abort = engine.llm_engine.abort_request
+                    abort(_running_request_ids(engine), **versions.abort_kwargs(abort))
+                    raise
             staged = True
             problems, names = _staged(engine.collective_rpc("vllm_compat_stage_weights", args=spec.as_rpc_args()))
             if problems:
@@ -322,10 +388,33 @@ async def _update_async(engine, weights: Weights, timeout: float | None) -> Weig
             spec, cancelled = await _finish(asyncio.to_thread(_spec, weights, cleanups, timeout))
             if cancelled:
                 raise asyncio.CancelledError()
-            if versions.has_keep_mode_pause(engine) and not await engine.is_paused():
+            one_rpc = _one_worker(engine)
+            if versions.has_keep_mode_pause(engine) and not (one_rpc and _one_batch_at_a_time(engine)) \
+                    and not await engine.is_paused():
                 paused = True  # before awaiting: a cancel inside pause_generation must still resume
                 await _within(engine.pause_generation(mode="keep", clear_cache=False), deadline, timeout)
             t0 = time.perf_counter()
+            if one_rpc:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise WeightUpdateTimeout(f"weight update refused, nothing changed: not received and validated "
+                                              f"within {timeout} s")
+                try:  # runs to its end even if this task is cancelled: the worker may be loading
+                    (report,), cancelled = await _finish(engine.collective_rpc(
+                        "vllm_compat_update_weights", args=(*spec.as_rpc_args(), left)))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # the RPC itself failed: whether the load had started is unknown
+                    report, cancelled = {"names": _names_of(spec), "load_error": f"{type(e).__name__}: {e}"}, False
+                try:
+                    result = _one_rpc_outcome(engine, report, cancelled, t0, paused, timeout)
+                except WeightUpdateIncomplete:
+                    await _quietly(engine.abort(_running_request_ids(engine), **versions.abort_kwargs(engine.abort)),
+                                   "aborting running requests")
+                    raise
+                if cancelled:  # the load finished: the new weights are in place (last_update tells)
+                    raise asyncio.CancelledError()
+                return result
             staged = True  # a worker may hold a staged copy from here on
             reports = await _within(engine.collective_rpc("vllm_compat_stage_weights", args=spec.as_rpc_args()),
                                     deadline, timeout)

@@ -38,6 +38,11 @@ class CompatWorkerExtension:
 
         return worker.stage(self, transport_name, params)
 
+    def vllm_compat_update_weights(self, transport_name: str, params: dict, timeout_s: float | None) -> dict:
+        from . import worker
+
+        return worker.stage_and_commit(self, transport_name, params, timeout_s)
+
     def vllm_compat_drop_weights(self) -> None:
         from . import worker
 

@@ -21,6 +21,7 @@ tensor lands in.
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,13 +244,14 @@ def reprocess(model: torch.nn.Module, module_names: set[str], act_dtype: torch.d
 
 def refresh_derived(model) -> None:
     """A tied lm_head shares the embedding's weight, but on CPU its packed GEMM copy is made
-    from it once: re-pack it. An untied head that the lm_head_fp32 fix stored in fp32 stays fp32
-    (vLLM's layerwise reload may rebuild it in the model dtype)."""
+    from it once: re-pack it. The lm_head_fp32 fix's fp32 copy of a tied head is remade at the
+    next step, and an untied head it stored in fp32 stays fp32 (vLLM's layerwise reload may
+    rebuild it in the model dtype)."""
     from ... import registry
     from .. import lm_head
 
-    if "lm_head_fp32" in registry.applied() and getattr(model, "_vllm_compat_fp32_head", False):
-        lm_head.store_head_in_fp32(model)
+    if "lm_head_fp32" in registry.applied():
+        lm_head.weights_changed(model)
     head = getattr(model, "lm_head", None)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     if head is None or embed is None or head is embed or getattr(head, "weight", None) is not embed.weight:
@@ -259,7 +261,10 @@ def refresh_derived(model) -> None:
         method.process_weights_after_loading(head)
 
 
-# ---- the three RPCs ----------------------------------------------------------------------
+# ---- the RPCs ----------------------------------------------------------------------------
+# Several workers: stage on all, then commit on all only if none found a problem (a refusal on
+# one worker must stop every worker). One worker: ``stage_and_commit`` does both in one RPC,
+# still validating and planning everything before the first tensor is touched.
 
 @dataclass
 class Staged:
@@ -306,3 +311,28 @@ def commit(worker) -> dict:
     runner.vllm_compat_weight_version = getattr(runner, "vllm_compat_weight_version", 0) + 1
     return {"tensors": len(staged.plan.direct) + len(staged.plan.layerwise), "bytes": staged.received.nbytes,
             "in_flight": in_flight}
+
+
+def stage_and_commit(worker, transport_name: str, params: dict, timeout_s: float | None = None) -> dict:
+    """The update in one RPC, for an engine with a single worker: ``stage`` (receive, validate,
+    plan), then ``commit`` only if staging found no problem and ended within ``timeout_s``
+    (seconds from the RPC's arrival). Nothing is loaded otherwise, and no staged copy outlives
+    the call. -> stage's report plus "timed_out", "commit" (commit's result, None when nothing
+    was loaded), "load_error" (commit's exception as text: weights may be mixed) and "seconds"
+    (this worker's receive_validate and load times)."""
+    start = time.perf_counter()
+    try:
+        report = stage(worker, transport_name, params)
+        staged = time.perf_counter()
+        report.update(timed_out=timeout_s is not None and staged - start > timeout_s, commit=None, load_error=None,
+                      seconds={"receive_validate": staged - start, "load": 0.0})
+        if report["timed_out"] or report["problems"]:
+            return report
+        try:
+            report["commit"] = commit(worker)
+        except Exception as e:  # after validation: the load itself failed part-way
+            report["load_error"] = f"{type(e).__name__}: {e}"
+        report["seconds"]["load"] = time.perf_counter() - staged
+        return report
+    finally:
+        drop(worker)
