@@ -124,7 +124,7 @@ def _race(probs: torch.Tensor, x0: list[int]) -> torch.Tensor:
     and at the rare zero noise."""
     n = probs.shape[1]
     positive = probs > 0
-    if int(positive.sum()) * 4 > positive.numel():  # mostly positive: the whole rows
+    if int(positive.sum(dtype=torch.int32)) * 4 > positive.numel():  # mostly positive: the whole rows
         return probs.div(_noise(torch.tensor(x0), n)).argmax(dim=1)
     r, k = positive.nonzero(as_tuple=True)
     zr, zk = _zero_noise_positions(x0, n)
