@@ -145,3 +145,18 @@ def test_unseeded_draw_across_blocks():
     assert chi2 < dof + 6 * (2 * dof) ** 0.5, (chi2, dof)
     wrong = row.mul(1.05).softmax(-1).double() * tokens.numel()  # 5 % off in temperature: caught
     assert (((counts - wrong) ** 2)[keep] / wrong[keep]).sum() > dof + 6 * (2 * dof) ** 0.5
+
+
+def test_nan_and_all_banned_rows_raise_nothing():
+    """A broken model's NaN row, or a row with every token banned: a token comes back (seeded: the
+    dense race's, V0's first NaN), nothing raises (an exception here would kill the engine core)."""
+    logits = torch.randn(4, 700, generator=torch.Generator().manual_seed(0))
+    logits = logits.masked_fill(logits < logits.topk(5, -1).values[:, -1:], -INF)
+    logits[1, 3] = float("nan")
+    logits[2] = -INF
+    tokens = v0_draw.draw(logits, {})
+    assert tokens.shape == (4,) and bool(((tokens >= 0) & (tokens < 700)).all())
+    x0 = [11, 22, 33, 44]
+    probs = logits.softmax(-1)
+    assert torch.equal(v0_draw._race(probs, x0), _dense_race(probs, x0))
+    assert v0_draw.draw(logits, {i: torch.Generator().manual_seed(i) for i in range(4)}).shape == (4,)

@@ -13,7 +13,7 @@ Unseeded rows (V0: the same race, noise from the global generator; only the dist
 defined) are drawn by inverting the cumulative distribution: one uniform per row instead of one
 noise value per token. vLLM's CPU draw hashes and takes logarithms per token (2.7 ms for
 32 x 32,000 on 2 cores, 17 % of a greedy decode step of the bench model); this costs a softmax,
-a float64 ``cumsum`` and a search.
+fp32 sums of 256-token blocks and two searches.
 """
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ def _race(probs: torch.Tensor, x0: list[int]) -> torch.Tensor:
     and at the rare zero noise."""
     n = probs.shape[1]
     positive = probs > 0
-    if int(positive.sum(dtype=torch.int32)) * 4 > positive.numel():  # mostly positive: the whole rows
+    # Mostly positive, or a NaN row (a broken model; V0's argmax takes its first NaN): whole rows.
+    if int(positive.sum(dtype=torch.int32)) * 4 > positive.numel() or bool(probs.sum(dim=-1).isnan().any()):
         return probs.div(_noise(torch.tensor(x0), n)).argmax(dim=1)
     r, k = positive.nonzero(as_tuple=True)
     zr, zk = _zero_noise_positions(x0, n)
@@ -145,7 +146,8 @@ def unseeded_draw(logits: torch.Tensor) -> torch.Tensor:
     """A token per row from softmax(logits), by inverse CDF, uniforms from the global generator:
     the block of ``_BLOCK`` tokens whose cumulative sum passes the uniform, then the token in it
     (a sequential ``cumsum`` over the whole row costs more than the rest of the draw). The
-    search lands only where a sum grows, so tokens of probability 0 (-inf) are never drawn."""
+    search lands only where a sum grows, so tokens of probability 0 (-inf) are never drawn. A NaN
+    row (a broken model) gets some token, as from vLLM's draw, and nothing raises."""
     rows, vocab = logits.shape
     probs = logits.softmax(dim=-1, dtype=torch.float32)
     if vocab % _BLOCK:
@@ -154,13 +156,13 @@ def unseeded_draw(logits: torch.Tensor) -> torch.Tensor:
     ends = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [rows, blocks]; fp32 sums: 7x faster than fp64
     total = ends[:, -1:]
     u = _below(torch.rand(total.shape, dtype=torch.float64, device=logits.device) * total, total)
-    block = torch.searchsorted(ends, u, right=True)  # ends[block] > u: the block holds mass
+    block = torch.searchsorted(ends, u, right=True).clamp_(max=ends.shape[1] - 1)  # ends[block] > u: it holds mass
     start = torch.where(block > 0, ends.gather(1, (block - 1).clamp(min=0)), 0.0)
     inside = blocks.gather(1, block.unsqueeze(-1).expand(rows, 1, _BLOCK)).squeeze(1)
     inside = inside.cumsum(dim=-1, dtype=torch.float64)
     # The block's own cumsum may end a rounding below ends[block] - start: stay inside it.
-    at = torch.searchsorted(inside, _below(u - start, inside[:, -1:]), right=True)
-    return (block * _BLOCK + at).squeeze(1)
+    at = torch.searchsorted(inside, _below(u - start, inside[:, -1:]), right=True).clamp_(max=_BLOCK - 1)
+    return (block * _BLOCK + at).squeeze(1).clamp_(max=vocab - 1)  # clamps: reached by NaN rows only
 
 
 def draw(logits: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
