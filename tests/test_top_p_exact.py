@@ -217,10 +217,10 @@ def test_host_reads_one_per_call(monkeypatch):
     real = processing._host
     monkeypatch.setattr(processing, "_host", lambda t: reads.append(t) or real(t))
     logits = rows_like_lm(16, 32000, 4.0, seed=4)
-    apply_top_k_top_p(logits, torch.full((16,), 32000), torch.full((16,), 0.9), k_max=32000)
+    apply_top_k_top_p(logits, torch.full((16,), 32000), torch.full((16,), 0.9), k_max=32000, k_min=32000)
     assert len(reads) == 1
     reads.clear()
-    apply_top_k_top_p(logits, torch.full((16,), 32000), torch.full((16,), 0.99), k_max=32000)
+    apply_top_k_top_p(logits, torch.full((16,), 32000), torch.full((16,), 0.99), k_max=32000, k_min=32000)
     assert len(reads) == 1  # however deep the cut
 
 

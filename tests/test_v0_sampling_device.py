@@ -133,10 +133,12 @@ def test_building_blocks_are_device_generic(monkeypatch):
     assert_device_generic(monkeypatch, apply_top_k_top_p, logits, k, p, k_max=5, reads=NO_TIE)
     # Without k_max the largest k is read first (the logprobs fix's sampler path).
     assert_device_generic(monkeypatch, apply_top_k_top_p, logits, k, p, reads=[5, True])
-    assert_device_generic(monkeypatch, apply_top_k_top_p, logits, k, p, reads=[VOCAB] + DECIDED)  # top-k off
+    assert_device_generic(monkeypatch, apply_top_k_top_p, logits, k, p, reads=[VOCAB, VOCAB] + DECIDED)  # top-k off
     off = torch.full((ROWS,), VOCAB, device=META)
-    assert_device_generic(monkeypatch, apply_top_k_top_p, logits, off, p, k_max=VOCAB, reads=SORT_TWO)
-    assert_device_generic(monkeypatch, processing.apply_top_k_top_p_by_value, logits, off, p, reads=SORT_TWO)
+    assert_device_generic(monkeypatch, apply_top_k_top_p, logits, off, p, k_max=VOCAB, k_min=VOCAB, reads=SORT_TWO)
+    # Without k_min the smallest k is read first; some row's top-k below the vocabulary masks first.
+    assert_device_generic(monkeypatch, apply_top_k_top_p, logits, off, p, k_max=VOCAB, reads=[5] + SORT_TWO)
+    assert_device_generic(monkeypatch, processing.apply_top_k_top_p_by_value, logits, off, p, reads=[VOCAB] + SORT_TWO)
     assert_device_generic(monkeypatch, apply_top_k_top_p_sorted, logits, k, p)
     assert_device_generic(monkeypatch, apply_min_p, logits, torch.full((ROWS,), 0.1, device=META))
     counts = assert_device_generic(monkeypatch, bin_counts, PROMPT, VOCAB, META)

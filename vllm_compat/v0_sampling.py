@@ -168,15 +168,16 @@ _MAX_CANDIDATES = 1024  # top-k up to this size sorts only its candidates (a top
 
 
 def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
-                      k_max: int | None = None) -> torch.Tensor:
+                      k_max: int | None = None, k_min: int | None = None) -> torch.Tensor:
     """V0 ``_apply_top_k_top_p``: top-k keeps ties with the k-th value, then top-p on the
     top-k-renormalized distribution; at least one token survives. When every row has a
     top-k below the vocabulary (the usual RL setting), only the kept candidates are sorted
     (``topk``); otherwise ``_top_p_without_indices``.
-    ``k_max``: the largest k as a Python int, if the caller knows it (saves a host read)."""
+    ``k_max``, ``k_min``: the largest and smallest k as Python ints, if the caller knows them
+    (each saves a host read)."""
     found = _top_k_candidates(logits, k, k_max=k_max)
     if found is None:
-        return _top_p_without_indices(logits, k, p)
+        return _top_p_without_indices(logits, k, p, k_min)
     ascending, idx = _top_p_ascending(*found, p)
     return torch.full_like(logits, -float("inf")).scatter_(dim=-1, index=idx, src=ascending)
 
@@ -258,12 +259,13 @@ def apply_top_k_top_p_sorted(logits: torch.Tensor, k: torch.Tensor, p: torch.Ten
 # 32 x 32000 fp32 on 2 AVX-512 cores). One host read per call: how many rows need V0's sort.
 
 
-def _top_p_without_indices(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def _top_p_without_indices(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
+                           k_min: int | None = None) -> torch.Tensor:
     """V0's top-k/top-p where the whole vocabulary is sorted: on CPU (and ``meta``, so that the
     device tests run it) from the values alone; elsewhere V0's own sort, which an accelerator
     does fast and without the host read of the values path."""
     if logits.device.type in ("cpu", "meta"):
-        return apply_top_k_top_p_by_value(logits, k, p)
+        return apply_top_k_top_p_by_value(logits, k, p, k_min)
     return apply_top_k_top_p_sorted(logits, k, p)
 
 
@@ -277,19 +279,27 @@ def _sorted_values(logits: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.sort(x.numpy(), axis=-1)).to(logits.dtype)
 
 
-def apply_top_k_top_p_by_value(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def apply_top_k_top_p_by_value(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
+                               k_min: int | None = None) -> torch.Tensor:
     """``apply_top_k_top_p_sorted``'s result bit for bit, from a sort of the values alone; rows
-    with a tie cut by the top-p boundary, or a NaN, get ``apply_top_k_top_p_sorted`` itself."""
+    with a tie cut by the top-p boundary, or a NaN, get ``apply_top_k_top_p_sorted`` itself.
+    ``k_min``: the smallest k as a Python int, if the caller knows it (saves a host read)."""
     rows, vocab = logits.shape
     if rows == 0:
         return logits.clone()
     srt = _sorted_values(logits)
-    kth = srt.gather(1, (vocab - k.to(torch.long)).unsqueeze(1))
-    below_kth = srt < kth
-    probs_sum = srt.masked_fill(below_kth, -float("inf")).softmax(dim=-1).cumsum(dim=-1)  # V0's numbers
-    # Both masks drop a prefix (never the last value). int32 counts: a bool sum into int64 is ~5x slower.
-    dropped = (probs_sum <= 1 - p.unsqueeze(1)).sum(dim=-1, keepdim=True, dtype=torch.int32)
-    cut = torch.maximum(dropped, below_kth.sum(dim=-1, keepdim=True, dtype=torch.int32)).clamp_(max=vocab - 1).long()
+    k = k.to(torch.long)
+    kth = srt.gather(1, (vocab - k).unsqueeze(1))
+    # The counts come from binary searches: the sorted row and V0's cumulative sums (a rounded running
+    # sum of non-negative terms) are both non-decreasing. Both masks drop a prefix, never the last value.
+    below_kth = torch.searchsorted(srt, kth)  # how many values are < the k-th (V0's top-k mask)
+    if (int(_host(k.min())) if k_min is None else k_min) < vocab:  # some row has a top-k (else kth = min)
+        srt = srt.masked_fill(torch.arange(vocab, device=srt.device) < below_kth, -float("inf"))
+    probs_sum = srt.softmax(dim=-1).cumsum(dim=-1)  # V0's numbers, on V0's sorted row
+    thr = 1 - p.unsqueeze(1)
+    common = torch.promote_types(probs_sum.dtype, thr.dtype)  # V0 compares in the wider of the two
+    dropped = torch.searchsorted(probs_sum.to(common), thr.to(common), right=True)  # how many <= 1 - p
+    cut = torch.maximum(dropped, below_kth).clamp_(max=vocab - 1)
     first_kept = srt.gather(1, cut)
     tie_cut = (cut > 0) & (srt.gather(1, (cut - 1).clamp_(min=0)) == first_kept)
     sort_rows = tie_cut.squeeze(1) | srt[:, -1].isnan()
@@ -385,9 +395,9 @@ def v0_processed_logprobs(logits: torch.Tensor, specs: Sequence[SamplingSpec],
             return torch.full_like(logits, -float("inf")).scatter_(-1, idx, ascending.log_softmax(dim=-1))
         logits = logits / temps.unsqueeze(1)
         if with_min_p:
-            logits = apply_top_k_top_p(logits, ks, ps, k_max=max(k_values))
+            logits = apply_top_k_top_p(logits, ks, ps, k_max=max(k_values), k_min=min(k_values))
         else:  # _top_k_candidates already refused these rows: V0's kept set without its sort
-            logits = _top_p_without_indices(logits, ks, ps)
+            logits = _top_p_without_indices(logits, ks, ps, k_min=min(k_values))
     elif any(t != 1.0 for t in temp_values):  # x / 1.0 == x: no copy of the row needed
         logits = logits / temps.unsqueeze(1)
     if with_min_p:

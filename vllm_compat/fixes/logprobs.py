@@ -112,7 +112,8 @@ def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
         rows, vocab = logits.shape
         k = md.top_k if md.top_k is not None else torch.full((rows,), vocab, device=logits.device)
         p = md.top_p if md.top_p is not None else torch.ones(rows, device=logits.device)
-        logits = apply_top_k_top_p(logits, k, p if pdt is None else p.to(pdt))  # 1 - p in pdt, as V0
+        logits = apply_top_k_top_p(logits, k, p if pdt is None else p.to(pdt),  # 1 - p in pdt, as V0
+                                   k_min=vocab if md.top_k is None else None)
     for processor in md.logitsprocs.argmax_invariant:  # min-p, after top-k/top-p as in V0
         logits = _apply_rounded(processor, logits, rounded) if pdt is not None else processor.apply(logits)
     _capture_support(self, logits)

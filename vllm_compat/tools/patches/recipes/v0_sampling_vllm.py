@@ -66,7 +66,7 @@ def sample(sampler, logits: torch.Tensor, sampling_metadata, logprobs_mode: str)
         rows, vocab = logits.shape
         k = md.top_k if md.top_k is not None else torch.full((rows,), vocab, device=logits.device)
         p = md.top_p if md.top_p is not None else torch.ones(rows, device=logits.device)
-        logits = apply_top_k_top_p(logits, k, p)
+        logits = apply_top_k_top_p(logits, k, p, k_min=vocab if md.top_k is None else None)
     for processor in md.logitsprocs.argmax_invariant:  # min-p, after top-k/top-p
         logits = processor.apply(logits)
     # The draw: on CPU V0's (seeded rows by its exponential race, unseeded ones by inverse
