@@ -181,15 +181,15 @@ def test_patched_vllm_passes_golden_with_the_shim_off(patched_run, patched_dir):
     assert {r["judged"] for r in rows if "bf16" in r["model"]} == {"v0_fp32_head"}
 
 
-@pytest.mark.engine
-@pytest.mark.cpu_only  # the patched package against the CPU V0 fixtures
-@pytest.mark.slow_sweep  # 3 verify runs (~6 min): a recorded run (ci/matrix.md), not in .ci/run
 def _without_support(x):
     if isinstance(x, dict):
         return {k: _without_support(v) for k, v in x.items() if k != "support"}
     return [_without_support(v) for v in x] if isinstance(x, list) else x
 
 
+@pytest.mark.engine
+@pytest.mark.cpu_only  # the patched package against the CPU V0 fixtures
+@pytest.mark.slow_sweep  # 3 verify runs (~6 min): a recorded run (ci/matrix.md), not in .ci/run
 def test_patched_vllm_equals_the_shim(patched_run, tmp_path):
     shim = _run_verify(tmp_path, "shim", {}, None, "all")
     assert not shim["vllm_file"].startswith(str(tmp_path))
