@@ -75,10 +75,12 @@ def test_unseeded_draw_edges():
     torch.manual_seed(1)
     logits = torch.cat([torch.zeros(1, 10), torch.full((1, 10), -200.0)], dim=1)  # exp underflows
     assert (v0_draw.unseeded_draw(logits.repeat(5000, 1)) < 10).all()
+    # A uniform that rounding carried up to the total is pulled below it: the search stays on the
+    # last token with mass (index 3), never past the row.
     cum = torch.tensor([[0.25, 0.5, 0.5, 1.0]], dtype=torch.float64)
     total = cum[:, -1:]
-    u = torch.minimum(total, total.nextafter(torch.zeros_like(total)))  # a uniform of 1 - 2^-53 at worst
-    assert torch.searchsorted(cum, u, right=True).item() == 3
+    u = v0_draw._below(total.clone(), total)
+    assert bool((u < total).all()) and torch.searchsorted(cum, u, right=True).item() == 3
 
 
 def test_draw_mixes_seeded_and_unseeded_rows():
