@@ -93,6 +93,15 @@ def test_draw_mixes_seeded_and_unseeded_rows():
     assert tokens[0] == tokens[1] == tokens[3] == 3
     assert tokens[2] == v0_draw.seeded_draw(logits, {2: twin})[2]
     assert v0_draw.draw(logits[:1], {0: torch.Generator().manual_seed(2)}).tolist() == [3]
+    # with candidates (every finite token among them): the seeded rows' tokens do not change
+    wide = torch.randn(6, 3000, generator=torch.Generator().manual_seed(3))
+    top = wide.topk(30, -1)
+    wide = wide.masked_fill(wide < top.values[:, -1:], -INF)
+    seeded = {1: 11, 4: 44, 5: 55}
+    plain = v0_draw.draw(wide, {r: torch.Generator().manual_seed(s) for r, s in seeded.items()})
+    among = v0_draw.draw(wide, {r: torch.Generator().manual_seed(s) for r, s in seeded.items()}, top.indices)
+    assert among[[1, 4, 5]].tolist() == plain[[1, 4, 5]].tolist()
+    assert bool(wide.gather(1, among.unsqueeze(1)).isfinite().all())
 
 
 def _dense_race(probs, x0):
@@ -117,6 +126,8 @@ def test_race_on_filtered_rows_equals_the_dense_race_including_zero_noise():
     assert v0_draw._noise(torch.tensor(x0), n)[[1, 3, 4], [7, 999, 500]].eq(0).all()
     got, want = v0_draw._race(probs, x0), _dense_race(probs, x0)
     assert torch.equal(got, want)
+    candidates = logits.topk(25, -1).indices  # a top-k's candidates: every finite token and more
+    assert torch.equal(v0_draw._race(probs, x0, candidates), want)
     assert want[1] == 7 or probs[1, 7] > 0  # NaN at a zero probability: V0 drew a filtered token
     assert want[4] == 0  # the only possible token's noise is 0: -inf, the zeros win (first index)
 
@@ -129,6 +140,38 @@ def test_race_sparse_and_dense_agree_on_random_filtered_rows():
         x0 = torch.randint(1, v0_draw._M, (16,), generator=g).tolist()
         probs = logits.softmax(-1)
         assert torch.equal(v0_draw._race(probs, x0), _dense_race(probs, x0))
+        candidates = logits.topk(1 + trial * 7 + trial % 3, -1).indices
+        assert torch.equal(v0_draw._race(probs, x0, candidates), _dense_race(probs, x0))
+
+
+def test_race_among_candidates_needs_every_positive_one():
+    """Companion: candidates that miss a positive probability give another winner somewhere (the
+    draw relies on the top-k path handing over all of them)."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(64, 4000, generator=g)
+    logits = logits.masked_fill(logits < logits.topk(10, -1).values[:, -1:], -INF)
+    x0 = torch.randint(1, v0_draw._M, (64,), generator=g).tolist()
+    probs = logits.softmax(-1)
+    short = logits.topk(5, -1).indices
+    assert not torch.equal(v0_draw._race(probs, x0, short), _dense_race(probs, x0))
+
+
+def test_unseeded_draw_among_candidates():
+    """draw() with candidates: only their tokens, in the proportions of the full row's softmax."""
+    g = torch.Generator().manual_seed(6)
+    row = torch.randn(5000, generator=g) * 2
+    top = row.topk(40)
+    row = row.masked_fill(row < top.values[-1], -INF)
+    row[top.indices[3]] = -INF  # a dropped candidate (top-p): never drawn
+    torch.manual_seed(7)
+    reps = 200_000
+    tokens = v0_draw.draw(row.repeat(reps, 1), {}, top.indices.repeat(reps, 1))
+    counts = torch.bincount(tokens, minlength=5000).double()
+    expected = row.softmax(-1).double() * reps
+    keep = expected > 0
+    assert counts[~keep].sum() == 0
+    dof = int(keep.sum()) - 1
+    assert (((counts - expected) ** 2)[keep] / expected[keep]).sum() < dof + 6 * (2 * dof) ** 0.5
 
 
 def test_unseeded_draw_across_blocks():

@@ -137,15 +137,25 @@ def test_division_by_temperature_can_create_ties_at_the_kth_value():
     assert torch.allclose(out, _full_row_reference(logits, [spec]), rtol=0, atol=1e-6)
 
 
-def test_compiled_rank_count_equals_the_eager_count():
-    from vllm_compat.fixes.logprobs import _count_greater_eager, v0_ranks
+def test_fused_cpu_kernels_equal_their_eager_steps():
+    """The compiled compare/select kernels (rank count, top-p and min-p masks) give eager torch's
+    answer bit for bit, -inf and NaN included, and did run compiled."""
+    from vllm_compat.fixes.logprobs import v0_ranks
+    from vllm_compat.v0_sampling import count_greater, drop_below, drop_where_below
 
     g = torch.Generator().manual_seed(3)
     for rows in (1, 2, 37):
         x = torch.randn(rows, 3000, generator=g)
         x[:, ::7] = -INF  # processed rows: -inf outside the kept set
+        x[0, 5] = float("nan")
         values = torch.cat([x[:, :1], x[:, 7:8], torch.full((rows, 1), -INF)])[torch.randperm(3 * rows)[:rows]]
-        assert torch.equal(v0_ranks(x, values), _count_greater_eager(x, values) + 1)
+        assert torch.equal(v0_ranks(x, values), (x > values).sum(-1) + 1)
+        assert torch.allclose(drop_below(x, values), x.masked_fill(x < values, -INF), rtol=0, atol=0, equal_nan=True)
+        probs = x.softmax(-1)
+        assert torch.allclose(drop_where_below(x, probs, values.exp()),
+                              x.masked_fill(probs < values.exp(), -INF), rtol=0, atol=0, equal_nan=True)
+    for fused in (count_greater, drop_below, drop_where_below):
+        assert fused.fused(), fused.__name__
 
 
 def _v0_processors_reference(row: torch.Tensor, params: dict, n_outputs: int, eos: set) -> torch.Tensor:

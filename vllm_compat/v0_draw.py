@@ -110,29 +110,59 @@ def exponential_noise(generator: torch.Generator, n: int) -> torch.Tensor:
     return _noise(torch.tensor([take_u32(generator) % _M or 1]), n)[0]
 
 
-def seeded_draw(logits: torch.Tensor, generators: dict[int, torch.Generator]) -> dict[int, int]:
-    """V0's exponential race for the seeded rows of already-processed logits."""
+def seeded_draw(logits: torch.Tensor, generators: dict[int, torch.Generator],
+                candidates: torch.Tensor | None = None) -> dict[int, int]:
+    """V0's exponential race for the seeded rows of already-processed logits. ``candidates``
+    ([rows, c] indices, optional): every token of positive probability is among them."""
     rows = sorted(generators)
-    probs = logits[rows].softmax(dim=-1, dtype=torch.float32)
-    return dict(zip(rows, _race(probs, [take_u32(generators[i]) % _M or 1 for i in rows]).tolist()))
+    every_row = len(rows) == logits.shape[0]  # rows == [0, 1, ...]: no copy
+    # V0's probabilities: the softmax of the whole row (its sum, hence each value, depends on it)
+    probs = (logits if every_row else logits[rows]).softmax(dim=-1, dtype=torch.float32)
+    x0 = [take_u32(generators[i]) % _M or 1 for i in rows]
+    if candidates is not None and not every_row:
+        candidates = candidates[rows]
+    return dict(zip(rows, _race(probs, x0, candidates).tolist()))
 
 
-def _race(probs: torch.Tensor, x0: list[int]) -> torch.Tensor:
+def _race(probs: torch.Tensor, x0: list[int], candidates: torch.Tensor | None = None) -> torch.Tensor:
     """``argmax(probs / noise)`` per row, bit for bit, for rows with MCG31 seeds ``x0``. A
     probability of 0 gives 0 there unless its noise is 0 too (0 / 0: NaN, which argmax takes),
     so where most probabilities are 0 (filters) the noise is computed only at the positive ones
-    and at the rare zero noise."""
+    (``candidates``, or found here) and at the rare zero noise."""
     n = probs.shape[1]
-    positive = probs > 0
-    # Mostly positive, or a NaN row (a broken model; V0's argmax takes its first NaN): whole rows.
-    if int(positive.sum(dtype=torch.int32)) * 4 > positive.numel() or bool(probs.sum(dim=-1).isnan().any()):
-        return probs.div(_noise(torch.tensor(x0), n)).argmax(dim=1)
-    r, k = positive.nonzero(as_tuple=True)
-    zr, zk = _zero_noise_positions(x0, n)
-    r, k = torch.cat([r, zr]), torch.cat([k, zk])
-    scores = torch.zeros_like(probs)  # V0's 0 / noise, where both are not 0
-    scores[r, k] = probs[r, k] / _noise_of(torch.tensor(x0)[r] * _powers(n)[k])
-    return scores.argmax(dim=1)
+    if candidates is not None:
+        r = torch.arange(probs.shape[0]).unsqueeze(1).expand_as(candidates).reshape(-1)
+        k = candidates.reshape(-1)
+        whole_rows = bool(probs[r, k].isnan().any())  # a NaN row (a broken model) is NaN everywhere
+    else:
+        positive = probs > 0
+        whole_rows = (int(positive.sum(dtype=torch.int32)) * 4 > positive.numel()
+                      or bool(probs.sum(dim=-1).isnan().any()))
+        r, k = (None, None) if whole_rows else positive.nonzero(as_tuple=True)
+    if not whole_rows:
+        zr, zk = _zero_noise_positions(x0, n)
+        r, k = torch.cat([r, zr]), torch.cat([k, zk])
+        scores = probs[r, k] / _noise_of(torch.tensor(x0)[r] * _powers(n)[k])
+        winners = _first_argmax(r, k, scores, probs.shape[0], n)
+        if winners is not None:
+            return winners
+    # Mostly positive, a NaN row (V0's argmax takes its first NaN), or a zero of the race won: whole rows.
+    scores = probs.div(_noise(torch.tensor(x0), n))
+    return torch.from_numpy(np.argmax(scores.numpy(), axis=1))  # torch's argmax: 5x slower, same answer
+
+
+def _first_argmax(r: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, rows: int, n: int) -> torch.Tensor | None:
+    """torch's ``argmax(dim=1)`` of ``[rows, n]`` rows that are 0 except ``scores`` at ``(r, k)``:
+    each row's first NaN, else its first maximum; None if in some row no score is > 0 or NaN (a
+    positive probability meets a zero noise, -0.0: p / -0.0 = -inf), where the zeros elsewhere win."""
+    nan = scores.isnan()
+    nan_rows = torch.zeros(rows, dtype=torch.bool).index_fill_(0, r[nan], True)
+    key = torch.where(nan_rows[r], nan.to(scores.dtype), scores)  # in a row with a NaN, only NaNs count
+    best = torch.full((rows,), -float("inf"), dtype=scores.dtype).scatter_reduce_(0, r, key, "amax")
+    if bool((best <= 0).any()):
+        return None
+    at = torch.where(key == best[r], k, n)
+    return torch.full((rows,), n, dtype=k.dtype).scatter_reduce_(0, r, at, "amin")
 
 
 _BLOCK = 256  # the unseeded draw finds a block of this many tokens first, then the token in it
@@ -165,14 +195,19 @@ def unseeded_draw(logits: torch.Tensor) -> torch.Tensor:
     return (block * _BLOCK + at).squeeze(1).clamp_(max=vocab - 1)  # clamps: reached by NaN rows only
 
 
-def draw(logits: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """Every row's token: V0's seeded race for the rows in ``generators``, the others unseeded."""
+def draw(logits: torch.Tensor, generators: dict[int, torch.Generator],
+         candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Every row's token: V0's seeded race for the rows in ``generators``, the others unseeded.
+    ``candidates`` ([rows, c] indices, optional): every token of positive probability is among
+    them (a top-k's candidates); the draws then look at those alone."""
     rows = logits.shape[0]
     if len(generators) == rows:
         sampled = torch.empty(rows, dtype=torch.long, device=logits.device)
+    elif candidates is not None:
+        sampled = candidates.gather(1, unseeded_draw(logits.gather(1, candidates)).unsqueeze(1)).squeeze(1)
     else:
         sampled = unseeded_draw(logits)
     if generators:
-        for row, token in seeded_draw(logits, generators).items():
+        for row, token in seeded_draw(logits, generators, candidates).items():
             sampled[row] = token
     return sampled

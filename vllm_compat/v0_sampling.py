@@ -17,10 +17,16 @@ V0's order (0.8.5 logits_processor.py, sampler.py 216-324):
 """
 from __future__ import annotations
 
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 _GREEDY_EPS = 1e-5  # V0 treats T < 1e-5 as greedy and divides by 1.0
 
@@ -109,6 +115,53 @@ def _from_host(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     return t.to(device)
 
 
+def _fused_on_cpu(fn: Callable) -> Callable:
+    """``fn`` (exact elementwise steps: compares and selects) compiled into one fused kernel for
+    CPU tensors. Eager torch runs each step as its own pass: a compare and a ``masked_fill`` over
+    32 x 32,000 fp32 take 1.3 ms on 2 cores, the fused kernel 0.3 ms. Other devices run ``fn`` as
+    written (their eager kernels are fast, and compiling there is the caller's choice). The result
+    is the same either way; if compiling fails, the eager ``fn`` runs from then on, with a warning."""
+    compiled = None
+
+    def run(*args):
+        nonlocal compiled
+        if args[0].device.type != "cpu" or compiled is False:
+            return fn(*args)
+        try:
+            if compiled is None:
+                compiled = torch.compile(fn, dynamic=True)
+            return compiled(*args)
+        except Exception as e:  # no C++ compiler, an unsupported torch: the result does not change
+            compiled = False
+            logger.warning("vllm-compat: %s runs eagerly (compiling failed: %s: %s)", fn.__name__,
+                           type(e).__name__, e)
+            return fn(*args)
+
+    run.__name__ = run.__qualname__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    run.eager = fn
+    run.fused = lambda: compiled not in (None, False)  # tests: the fused kernel ran
+    return run
+
+
+@_fused_on_cpu
+def drop_below(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``x`` with -inf where ``x < threshold`` (NaN stays)."""
+    return x.masked_fill(x < threshold, -float("inf"))
+
+
+@_fused_on_cpu
+def drop_where_below(x: torch.Tensor, values: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``x`` with -inf where ``values < threshold``."""
+    return x.masked_fill(values < threshold, -float("inf"))
+
+
+@_fused_on_cpu
+def count_greater(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per row, how many entries of ``x`` are strictly greater than ``values`` ([rows, 1])."""
+    return (x > values).sum(-1)
+
+
 def bin_counts(token_lists: Sequence[Sequence[int]], vocab: int,
                device: torch.device | str | None = None) -> torch.Tensor:
     """Per row, how often each token id occurs: ``[rows, vocab]`` long, on ``device``."""
@@ -175,11 +228,19 @@ def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
     (``topk``); otherwise ``_top_p_without_indices``.
     ``k_max``, ``k_min``: the largest and smallest k as Python ints, if the caller knows them
     (each saves a host read)."""
+    return top_k_top_p_with_candidates(logits, k, p, k_max, k_min)[0]
+
+
+def top_k_top_p_with_candidates(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
+                                k_max: int | None = None, k_min: int | None = None):
+    """``apply_top_k_top_p`` -> (logits, candidates): ``candidates`` ([rows, c] indices) holds
+    every token left finite, where the top-k path found them; None where the row was sorted whole.
+    A draw can then look at c tokens per row instead of the vocabulary."""
     found = _top_k_candidates(logits, k, k_max=k_max)
     if found is None:
-        return _top_p_without_indices(logits, k, p, k_min)
+        return _top_p_without_indices(logits, k, p, k_min), None
     ascending, idx = _top_p_ascending(*found, p)
-    return torch.full_like(logits, -float("inf")).scatter_(dim=-1, index=idx, src=ascending)
+    return torch.full_like(logits, -float("inf")).scatter_(dim=-1, index=idx, src=ascending), idx
 
 
 def _top_k_candidates(logits: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor | None = None,
@@ -269,14 +330,32 @@ def _top_p_without_indices(logits: torch.Tensor, k: torch.Tensor, p: torch.Tenso
     return apply_top_k_top_p_sorted(logits, k, p)
 
 
+_sort_threads: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, size, pool): a forked child makes its own
+
+
+def _sort_rows_in_place(x: np.ndarray) -> None:
+    """Sort each row of ``x``; rows split over torch's intra-op thread count (numpy's sort runs one
+    thread and releases the GIL: 2.7 -> 1.7 ms for 32 x 32,000 fp32 on 2 cores)."""
+    global _sort_threads
+    n = min(torch.get_num_threads(), x.shape[0])
+    if n < 2 or x.size < 1 << 16:
+        x.sort(axis=-1)
+        return
+    if _sort_threads is None or _sort_threads[0] != os.getpid() or _sort_threads[1] < n:
+        _sort_threads = (os.getpid(), n, ThreadPoolExecutor(n, thread_name_prefix="vllm-compat-sort"))
+    bounds = np.linspace(0, x.shape[0], n + 1).astype(int)
+    list(_sort_threads[2].map(lambda i: x[bounds[i]:bounds[i + 1]].sort(axis=-1), range(n)))
+
+
 def _sorted_values(logits: torch.Tensor) -> torch.Tensor:
     """Each row's values ascending (NaN last, as torch.sort puts them)."""
     if logits.device.type != "cpu":
         return logits.sort(dim=-1).values
-    import numpy as np  # numpy has no bf16/fp16 sort: through fp32 (exact both ways)
-
+    # numpy has no bf16/fp16 sort: through fp32 (exact both ways)
     x = logits.detach() if logits.dtype in (torch.float32, torch.float64) else logits.detach().float()
-    return torch.from_numpy(np.sort(x.numpy(), axis=-1)).to(logits.dtype)
+    out = x.numpy().copy()
+    _sort_rows_in_place(out)
+    return torch.from_numpy(out).to(logits.dtype)
 
 
 def apply_top_k_top_p_by_value(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
@@ -303,7 +382,7 @@ def apply_top_k_top_p_by_value(logits: torch.Tensor, k: torch.Tensor, p: torch.T
     first_kept = srt.gather(1, cut)
     tie_cut = (cut > 0) & (srt.gather(1, (cut - 1).clamp_(min=0)) == first_kept)
     sort_rows = tie_cut.squeeze(1) | srt[:, -1].isnan()
-    out = logits.masked_fill(logits < first_kept, -float("inf"))
+    out = drop_below(logits, first_kept)
     n_sort = int(_host(sort_rows.sum()))
     if n_sort:
         rs = sort_rows.to(torch.int8).argsort(descending=True, stable=True)[:n_sort]  # no data-shaped nonzero
@@ -315,8 +394,8 @@ def apply_top_k_top_p_by_value(logits: torch.Tensor, k: torch.Tensor, p: torch.T
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """V0 ``_apply_min_p``: drop tokens whose probability is below min_p * max probability."""
     probs = torch.softmax(logits, dim=-1)
-    threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-    return logits.masked_fill(probs < threshold, -float("inf"))
+    threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)  # V0: .max().values, the same value
+    return drop_where_below(logits, probs, threshold)
 
 
 def v0_unfiltered_logits(logits: torch.Tensor, specs: Sequence[SamplingSpec],

@@ -20,68 +20,38 @@ honoured. Ranks use V0's definition.
 """
 from __future__ import annotations
 
-import functools
 import inspect
-import logging
 
 import numpy as np
 import torch
 
 from .. import v0_draw
-from ..v0_sampling import apply_top_k_top_p
+from ..v0_sampling import apply_min_p, count_greater, top_k_top_p_with_candidates
 from ..registry import Fix, InternalsMoved, register
 
 _SAMPLING_EPS = 1e-5
-logger = logging.getLogger("vllm_compat")
-
-
-def _count_greater_eager(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    # int32: summing a bool tensor into the default int64 is 5x slower on CPU (29 vs 5 ms for 256 x 32000)
-    return (x > values).sum(-1, dtype=torch.int32).to(torch.int64)
-
-
-@functools.cache
-def _count_greater_compiled():
-    """vLLM compiles its rank count into one fused compare-and-count kernel (0.8 ms for
-    256 x 32000 on 2 CPU cores, 4.6 ms eager); this count is compiled the same way, with the
-    backend vLLM picks for the platform. dynamic=True: one graph for every batch size."""
-    from vllm.platforms import current_platform
-
-    return torch.compile(lambda x, values: (x > values).sum(-1), dynamic=True,
-                         backend=current_platform.simple_compile_backend)
-
-
-_compile_failed = False
 
 
 def v0_ranks(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """V0's ranks of one value per row (values: [rows, 1]): 1 + the number of entries strictly
-    greater. Replaces V1's batched_count_greater_than (>=); the one-row form is v0_sampling.v0_rank."""
-    global _compile_failed
-    if not _compile_failed:
-        try:
-            return _count_greater_compiled()(x, values) + 1
-        except Exception as e:  # the count is exact either way; only its speed differs
-            _compile_failed = True
-            logger.warning("vllm-compat: compiled rank count unavailable (%s: %s); counting eagerly",
-                           type(e).__name__, e)
-    return _count_greater_eager(x, values) + 1
+    greater. Replaces V1's batched_count_greater_than (>=), which vLLM compiles into one fused
+    kernel; so is this count on CPU. The one-row form is v0_sampling.v0_rank."""
+    return count_greater(x, values) + 1
 
 
 def _processed_output(logits: torch.Tensor, mode: str) -> torch.Tensor:
     return logits if mode == "processed_logits" else logits.log_softmax(dim=-1, dtype=torch.float32)
 
 
-def _apply_rounded(processor, logits, rounded):
-    """Run a processor with its min_p rounded like V0's parameter tensors."""
+def _apply_argmax_invariant(processor, logits, rounded):
+    """One of vLLM's argmax-invariant processors, after top-k/top-p as in V0. Min-p is V0's
+    ``apply_min_p`` with the processor's values (rounded like V0's parameter tensors): the same
+    arithmetic as vLLM's processor, with the mask fused into one pass on CPU."""
     if not hasattr(processor, "min_p"):
         return processor.apply(logits)
-    exact = processor.min_p
-    processor.min_p = rounded(exact)
-    try:
-        return processor.apply(logits)
-    finally:
-        processor.min_p = exact
+    if not getattr(processor, "min_p_count", 1):  # no request in the batch has a min-p
+        return logits
+    return apply_min_p(logits, rounded(processor.min_p).reshape(-1))
 
 
 SUPPORT_CAPTURE = "vllm_compat_support_capture"
@@ -108,14 +78,15 @@ def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
     pdt = getattr(self, "v0_param_dtype", None)
     rounded = (lambda t: t) if pdt is None else (lambda t: t.to(pdt).to(torch.float32))
     logits = self.apply_temperature(logits, rounded(md.temperature), md.all_random)
+    candidates = None  # [rows, c]: every token left finite, where the top-k path found them
     if md.top_k is not None or md.top_p is not None:
         rows, vocab = logits.shape
         k = md.top_k if md.top_k is not None else torch.full((rows,), vocab, device=logits.device)
         p = md.top_p if md.top_p is not None else torch.ones(rows, device=logits.device)
-        logits = apply_top_k_top_p(logits, k, p if pdt is None else p.to(pdt),  # 1 - p in pdt, as V0
-                                   k_min=vocab if md.top_k is None else None)
+        logits, candidates = top_k_top_p_with_candidates(logits, k, p if pdt is None else p.to(pdt),  # 1 - p in pdt, as V0
+                                                         k_min=vocab if md.top_k is None else None)
     for processor in md.logitsprocs.argmax_invariant:  # min-p, after top-k/top-p as in V0
-        logits = _apply_rounded(processor, logits, rounded) if pdt is not None else processor.apply(logits)
+        logits = _apply_argmax_invariant(processor, logits, rounded)
     _capture_support(self, logits)
     if logits.device.type == "cpu":
         # V0's draws (v0_draw): seeded rows bit for bit, unseeded ones from the same
@@ -123,7 +94,8 @@ def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
         # prefilled prompt are sampled and thrown away (chunked prefill); V0 drew a request only
         # once its whole prompt was in, so they take no seeded draw.
         skip = getattr(self, "v0_partial_prefill_rows", ())
-        sampled = v0_draw.draw(logits, {row: g for row, g in md.generators.items() if row not in skip})
+        sampled = v0_draw.draw(logits, {row: g for row, g in md.generators.items() if row not in skip},
+                               candidates)
         processed = _processed_output(logits, mode) if want else None
     else:  # vLLM's own draw over the already-filtered distribution
         sampled, processed = self.topk_topp_sampler(logits, md.generators, None, None)

@@ -20,7 +20,7 @@ unseeded ones an inverse-CDF draw of the same distribution.
 # The vLLM side of the module that `vllm-compat patches build` writes into logprobs.patch
 # (vllm/v1/sample/ops/v0_sampling.py): this file's header, then the code of
 # vllm_compat/v0_sampling.py and vllm_compat/v0_draw.py, then the functions below, which
-# use their names (apply_top_k_top_p, draw, SamplingSpec, v0_processed_logprobs).
+# use their names (top_k_top_p_with_candidates, draw, SamplingSpec, v0_processed_logprobs).
 from vllm.platforms import current_platform
 
 
@@ -62,18 +62,19 @@ def sample(sampler, logits: torch.Tensor, sampling_metadata, logprobs_mode: str)
     if md.all_greedy:
         return greedy, processed(logits)
     logits = sampler.apply_temperature(logits, md.temperature, md.all_random)
+    candidates = None  # [rows, c]: every token left finite, where the top-k path found them
     if md.top_k is not None or md.top_p is not None:
         rows, vocab = logits.shape
         k = md.top_k if md.top_k is not None else torch.full((rows,), vocab, device=logits.device)
         p = md.top_p if md.top_p is not None else torch.ones(rows, device=logits.device)
-        logits = apply_top_k_top_p(logits, k, p, k_min=vocab if md.top_k is None else None)
+        logits, candidates = top_k_top_p_with_candidates(logits, k, p, k_min=vocab if md.top_k is None else None)
     for processor in md.logitsprocs.argmax_invariant:  # min-p, after top-k/top-p
         logits = processor.apply(logits)
     # The draw: on CPU V0's (seeded rows by its exponential race, unseeded ones by inverse
     # CDF, cheaper than V1's CPU Gumbel kernel); elsewhere V1's sampler over the filtered
     # distribution (no further filtering).
     if logits.device.type == "cpu":
-        sampled, logprobs = draw(logits, md.generators), processed(logits)
+        sampled, logprobs = draw(logits, md.generators, candidates), processed(logits)
     else:
         sampled, logprobs = sampler.topk_topp_sampler(logits, md.generators, None, None)
         if want_logprobs and logprobs is None:
