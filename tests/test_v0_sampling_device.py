@@ -17,8 +17,8 @@ import torch
 from vllm_compat import v0_sampling as processing
 from vllm_compat.fixes.prompt_logprobs import _processing, spec_for
 from vllm_compat.v0_sampling import (SamplingSpec, apply_logits_processors, apply_min_p, apply_penalties,
-                                    apply_top_k_top_p,
-                                    apply_top_k_top_p_sorted, bin_counts, v0_processed_logprobs)
+                                    apply_penalties_at, apply_top_k_top_p, apply_top_k_top_p_sorted, bin_counts,
+                                    v0_processed_logprobs)
 
 META = torch.device("meta")
 ROWS, VOCAB = 4, 3000  # VOCAB > processing._MAX_CANDIDATES: the "too many ties" answer is reachable
@@ -145,6 +145,8 @@ def test_building_blocks_are_device_generic(monkeypatch):
     assert counts.shape == (ROWS, VOCAB) and counts.dtype == torch.long
     ones = torch.ones(ROWS, device=META)
     assert_device_generic(monkeypatch, apply_penalties, logits, counts, counts, ones, ones, ones)
+    seen = torch.zeros(5, dtype=torch.long, device=META)  # (row, token) pairs: any 5
+    assert_device_generic(monkeypatch, apply_penalties_at, meta_logits(), seen, seen, seen, ones, ones, ones)
     specs = [S.from_params({"logit_bias": {2: 1.0}, "allowed_token_ids": [2, 3], "min_tokens": 2,
                             "stop_token_ids": [3]})] * ROWS
     for dtype in (torch.float32, torch.bfloat16):

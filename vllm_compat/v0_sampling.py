@@ -208,12 +208,32 @@ def apply_logits_processors(logits: torch.Tensor, specs: Sequence[SamplingSpec],
 
 def apply_penalties(logits: torch.Tensor, prompt_counts: torch.Tensor, output_counts: torch.Tensor,
                     repetition: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
-    """V0 ``apply_penalties``: repetition over prompt+output tokens, frequency/presence over output."""
+    """V0 ``apply_penalties``: repetition over prompt+output tokens (a positive logit times
+    ``1.0 / penalty``, a negative one times ``penalty``: V0's and V1's arithmetic, which differs
+    from dividing by the penalty in the last bit), frequency/presence over output."""
     rep = repetition.to(logits.dtype).unsqueeze(1).repeat(1, logits.shape[1])
     rep[~((prompt_counts > 0) | (output_counts > 0))] = 1.0
-    logits = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = logits * torch.where(logits > 0, 1.0 / rep, rep)
     logits = logits - frequency.to(logits.dtype).unsqueeze(1) * output_counts.to(logits.dtype)
     logits = logits - presence.to(logits.dtype).unsqueeze(1) * (output_counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_penalties_at(logits: torch.Tensor, row: torch.Tensor, token: torch.Tensor, output_count: torch.Tensor,
+                       repetition: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """``apply_penalties``, in place, computed only where it can change a value: at each
+    ``(row, token)`` in the row's prompt or outputs (each pair once; ``output_count``: how often
+    the token is among the row's outputs). Elsewhere the dense form multiplies by 1.0 and subtracts
+    0 (a -0.0 logit could come back +0.0 there, the same number). The dense form's cost is the
+    vocabulary per row; this one's, the tokens the row has seen."""
+    flat = logits.view(-1)
+    at = row * logits.shape[1] + token
+    x = flat[at]
+    rep = repetition.to(logits.dtype)[row]
+    x = x * torch.where(x > 0, 1.0 / rep, rep)
+    x = x - frequency.to(logits.dtype)[row] * output_count.to(logits.dtype)
+    x = x - presence.to(logits.dtype)[row] * (output_count > 0).to(logits.dtype)
+    flat[at] = x
     return logits
 
 

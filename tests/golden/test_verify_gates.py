@@ -77,7 +77,7 @@ def test_perturbed_noise_fails_every_seeded_scenario_on_token_identity(monkeypat
 @pytest.mark.stock_baseline  # shows the stock engine failing: first CI row (ci/test.sh)
 def test_second_best_draw_fails_token_identity(monkeypatch, llm):
     """The blunt break: each seeded row takes the second most likely token."""
-    monkeypatch.setattr(v0_draw, "seeded_draw", lambda logits, generators: {
+    monkeypatch.setattr(v0_draw, "seeded_draw", lambda logits, generators, candidates=None: {
         row: int(logits[row].topk(2).indices[1]) for row in sorted(generators)})
     row, = run(llm, ["temp_1.0"])
     assert_failed_on_tokens_only(row)
