@@ -23,6 +23,7 @@ def _batch(seed: int, rows: int = 9, vocab: int = 500):
     outputs = [torch.randint(0, 60, (int(torch.randint(0, 80, (1,), generator=g)),), generator=g).tolist()
                for _ in range(rows)]  # ids below 60: repeats, so counts above 1
     outputs[2] = outputs[2] + [-1, -1]  # async scheduling's placeholders
+    outputs[4] = []  # a row at its first step
     width = max(map(len, prompts))
     md = SimpleNamespace(
         prompt_token_ids=torch.tensor([p + [vocab] * (width - len(p)) for p in prompts], dtype=torch.long),
@@ -48,6 +49,10 @@ def test_penalties_at_seen_tokens_equal_vllms_dense_op(seed):
                                md.repetition_penalties, outputs)
     got = penalties_on_cpu(logits.clone(), md, outputs)
     assert _same(got, want)
+    first_step = [[] for _ in outputs]  # no outputs anywhere yet: the repetition penalty over prompts alone
+    want = apply_all_penalties(logits.clone(), md.prompt_token_ids, md.presence_penalties, md.frequency_penalties,
+                               md.repetition_penalties, first_step)
+    assert _same(penalties_on_cpu(logits.clone(), md, first_step), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
