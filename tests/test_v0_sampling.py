@@ -232,3 +232,25 @@ def test_nan_rows_get_v0s_result_instead_of_an_error(rows, k, p):
     assert torch.equal(out.nan_to_num(1.5), ref.nan_to_num(1.5))
     spec = SamplingSpec.from_params({"temperature": 0.7, "top_k": min(k, 2047), "top_p": p})
     assert v0_processed_logprobs(x, [spec] * 3).shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_values_by_blocks_equal_torch_topk(dtype):
+    """The two-pass top-k gives torch.topk's values; its indices hold those values (rows with ties,
+    -inf, a NaN, the largest values packed into one block, a vocabulary not a multiple of 64)."""
+    from vllm_compat.v0_sampling import topk_values
+
+    g = torch.Generator().manual_seed(5)
+    for vocab in (32000, 32003, 5000):
+        x = torch.randn(12, vocab, generator=g).to(dtype)
+        x[1] = (x[1] * 2).round()  # many ties
+        x[2, :3000] = -INF
+        x[3, 77] = float("nan")
+        x[4, 128:192] = 50.0 + torch.arange(64, dtype=dtype)  # the top values all in one block
+        x[5, -3:] = 99.0  # ... or in the tail
+        for k in (1, 6, 21, 51):
+            vals, idx = topk_values(x, k)
+            want = x.topk(k, dim=-1).values
+            assert torch.allclose(vals, want, rtol=0, atol=0, equal_nan=True), (vocab, k)
+            assert torch.allclose(x.gather(1, idx), vals, rtol=0, atol=0, equal_nan=True)
+            assert bool((idx.sort(-1).values.diff(dim=-1) > 0).all())  # distinct positions

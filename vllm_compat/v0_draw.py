@@ -98,7 +98,7 @@ def _zero_noise_positions(x0: list[int], n: int) -> tuple[torch.Tensor, torch.Te
     """(row, k) of every k < n whose noise is 0 (float32(x_k / M) rounds to 1: x_k >= M - 63;
     M - 64 and up are taken): x0 * A^k = t mod M <=> A^k = t / x0, looked up among the powers."""
     values, order = _sorted_powers(n)
-    inverse = torch.tensor([pow(x, _M - 2, _M) for x in x0])
+    inverse = torch.tensor([pow(x, -1, _M) for x in x0])  # modular inverses (M is prime)
     targets = inverse.unsqueeze(1) * torch.arange(_M - 64, _M) % _M  # [rows, 64], A^k to look for
     at = torch.searchsorted(values, targets).clamp_(max=n - 1)
     row, j = (values[at] == targets).nonzero(as_tuple=True)
@@ -208,6 +208,6 @@ def draw(logits: torch.Tensor, generators: dict[int, torch.Generator],
     else:
         sampled = unseeded_draw(logits)
     if generators:
-        for row, token in seeded_draw(logits, generators, candidates).items():
-            sampled[row] = token
+        seeded = seeded_draw(logits, generators, candidates)
+        sampled[list(seeded)] = torch.tensor(list(seeded.values()), dtype=sampled.dtype)
     return sampled

@@ -250,12 +250,17 @@ def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
 
 
 def top_k_top_p_with_candidates(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
-                                k_max: int | None = None, k_min: int | None = None):
+                                k_max: int | None = None, k_min: int | None = None,
+                                temperature: torch.Tensor | None = None):
     """``apply_top_k_top_p`` -> (logits, candidates): ``candidates`` ([rows, c] indices) holds
     every token left finite, where the top-k path found them; None where the row was sorted whole.
-    A draw can then look at c tokens per row instead of the vocabulary."""
-    found = _top_k_candidates(logits, k, k_max=k_max)
+    A draw can then look at c tokens per row instead of the vocabulary. ``temperature`` ([rows]):
+    the logits are not divided yet; the top-k path divides its candidates only (V0's values:
+    ``x / T`` of each kept token), the others the whole row."""
+    found = _top_k_candidates(logits, k, temperature, k_max=k_max)
     if found is None:
+        if temperature is not None:
+            logits = logits / temperature.unsqueeze(1)
         return _top_p_without_indices(logits, k, p, k_min), None
     ascending, idx = _top_p_ascending(*found, p)
     return torch.full_like(logits, -float("inf")).scatter_(dim=-1, index=idx, src=ascending), idx
@@ -279,7 +284,7 @@ def _top_k_candidates(logits: torch.Tensor, k: torch.Tensor, temperature: torch.
     # only the candidates are divided. One candidate more than the largest k: if it is below
     # every row's k-th value, no tie with a k-th value lies outside the candidates (a count
     # over the whole row would cost more than the topk).
-    vals, idx = logits.topk(k_max + 1, dim=-1)
+    vals, idx = topk_values(logits, k_max + 1)
     if temperature is not None:
         vals = vals / temperature.unsqueeze(1)
     kth = vals.gather(1, (k - 1).unsqueeze(1))
@@ -299,6 +304,32 @@ def _top_k_candidates(logits: torch.Tensor, k: torch.Tensor, temperature: torch.
         return None
     vals, idx = full.topk(kept, dim=-1)
     return vals, idx, kth
+
+
+_TOPK_BLOCK = 32  # topk_values: block size of the first pass
+
+
+def topk_values(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.topk(k, dim=-1)``'s values, and indices holding them (among equal values any may be
+    chosen). On CPU, where a k much smaller than the row is the common case, in two passes: each
+    block of 32 tokens' maximum, then a topk over the k blocks with the largest maxima (the row's
+    k largest values lie there: any value outside is at most the k-th largest block maximum, and
+    those k blocks already hold k values that large). The k blocks are picked by numpy's
+    partition (torch's topk costs 0.24 ms there). 32 x 32,000, k = 51: 0.54 ms, topk 0.90 ms."""
+    rows, n = x.shape
+    blocks = n // _TOPK_BLOCK
+    if x.device.type != "cpu" or not x.is_contiguous() or k * _TOPK_BLOCK * 4 > n:
+        return x.topk(k, dim=-1)
+    body = x[:, :blocks * _TOPK_BLOCK].view(rows, blocks, _TOPK_BLOCK)
+    maxima = body.amax(dim=-1).float().numpy()  # numpy has no bf16 (fp32 holds it exactly); NaN sorts last, as largest
+    chosen = torch.from_numpy(np.sort(np.argpartition(maxima, -k, axis=-1)[:, -k:], axis=-1))  # in the row's order
+    part = body.gather(1, chosen.unsqueeze(-1).expand(rows, k, _TOPK_BLOCK)).view(rows, k * _TOPK_BLOCK)
+    where = (chosen.unsqueeze(-1) * _TOPK_BLOCK + torch.arange(_TOPK_BLOCK)).view(rows, k * _TOPK_BLOCK)
+    if blocks * _TOPK_BLOCK < n:  # the tail, shorter than a block, always
+        part = torch.cat([part, x[:, blocks * _TOPK_BLOCK:]], dim=1)
+        where = torch.cat([where, torch.arange(blocks * _TOPK_BLOCK, n).expand(rows, -1)], dim=1)
+    vals, at = part.topk(k, dim=-1)
+    return vals, where.gather(1, at)
 
 
 def _top_p_ascending(vals: torch.Tensor, idx: torch.Tensor, kth: torch.Tensor, p: torch.Tensor):

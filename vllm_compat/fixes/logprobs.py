@@ -78,14 +78,21 @@ def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
     # Set by the opt-in v0_bf16_params fix: V0 materialised the parameters in the logits dtype.
     pdt = getattr(self, "v0_param_dtype", None)
     rounded = (lambda t: t) if pdt is None else (lambda t: t.to(pdt).to(torch.float32))
-    logits = self.apply_temperature(logits, rounded(md.temperature), md.all_random)
     candidates = None  # [rows, c]: every token left finite, where the top-k path found them
     if md.top_k is not None or md.top_p is not None:
         rows, vocab = logits.shape
         k = md.top_k if md.top_k is not None else torch.full((rows,), vocab, device=logits.device)
         p = md.top_p if md.top_p is not None else torch.ones(rows, device=logits.device)
+        # The temperature as Sampler.apply_temperature takes it (greedy rows: 1.0); dividing is left to
+        # the filter, which after a top-k divides the candidates alone (the rest of the row is dropped).
+        temperature = rounded(md.temperature)
+        if not md.all_random:
+            temperature = torch.where(temperature < _SAMPLING_EPS, 1.0, temperature)
         logits, candidates = top_k_top_p_with_candidates(logits, k, p if pdt is None else p.to(pdt),  # 1 - p in pdt, as V0
-                                                         k_min=vocab if md.top_k is None else None)
+                                                         k_min=vocab if md.top_k is None else None,
+                                                         temperature=temperature)
+    else:
+        logits = self.apply_temperature(logits, rounded(md.temperature), md.all_random)
     for processor in md.logitsprocs.argmax_invariant:  # min-p, after top-k/top-p as in V0
         logits = _apply_argmax_invariant(processor, logits, rounded)
     _capture_support(self, logits)
