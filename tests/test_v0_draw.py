@@ -205,3 +205,44 @@ def test_nan_and_all_banned_rows_raise_nothing():
     probs = logits.softmax(-1)
     assert torch.equal(v0_draw._race(probs, x0), _dense_race(probs, x0))
     assert v0_draw.draw(logits, {i: torch.Generator().manual_seed(i) for i in range(4)}).shape == (4,)
+
+
+def test_race_on_candidates_alone_gives_the_dense_race_or_defers():
+    """Seeded rows race on the softmax of their candidates alone where the winner's lead makes the
+    whole row's softmax unnecessary; where it returns a winner it is the dense race's."""
+    g = torch.Generator().manual_seed(9)
+    decided = 0
+    for trial in range(30):
+        logits = torch.randn(32, 3000, generator=g) * (1 + trial % 4)
+        top = logits.topk(1 + trial * 3, -1)
+        logits = torch.full_like(logits, -INF).scatter_(1, top.indices, top.values)
+        x0 = torch.randint(1, v0_draw._M, (32,), generator=g).tolist()
+        won = v0_draw._race_on_candidates(logits, x0, top.indices)
+        decided += won is not None
+        if won is not None:
+            assert torch.equal(won, _dense_race(logits.softmax(-1), x0))
+    assert decided >= 25
+
+
+def test_race_on_candidates_defers_a_thin_lead():
+    """Two tokens of equal probability whose noise values differ by less than 1e-6 (relative): the
+    winner then depends on roundings of the whole row's softmax, so the candidates alone decide
+    nothing (the full race decides)."""
+    n = 4000
+    g = torch.Generator().manual_seed(8)
+    for _ in range(50):
+        x0 = torch.randint(1, v0_draw._M, (4096,), generator=g)
+        q, order = v0_draw._noise(x0, 40).sort(-1)
+        hits = ((q[:, 1:] - q[:, :-1]) < 1e-6 * q[:, 1:]).nonzero()
+        if len(hits):
+            break
+    row, j = hits[0].tolist()
+    k1, k2 = int(order[row, j]), int(order[row, j + 1])
+    logits = torch.full((1, n), -INF)
+    logits[0, [k1, k2]] = 0.0
+    logits[0, 45] = -3.0
+    seeds = [int(x0[row])]
+    candidates = torch.tensor([[k1, k2, 45]])
+    assert v0_draw._race_on_candidates(logits, seeds, candidates) is None
+    probs = logits.softmax(-1)
+    assert torch.equal(v0_draw._race(probs, seeds, candidates), _dense_race(probs, seeds))

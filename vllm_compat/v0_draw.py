@@ -116,12 +116,39 @@ def seeded_draw(logits: torch.Tensor, generators: dict[int, torch.Generator],
     ([rows, c] indices, optional): every token of positive probability is among them."""
     rows = sorted(generators)
     every_row = len(rows) == logits.shape[0]  # rows == [0, 1, ...]: no copy
-    # V0's probabilities: the softmax of the whole row (its sum, hence each value, depends on it)
-    probs = (logits if every_row else logits[rows]).softmax(dim=-1, dtype=torch.float32)
+    logits = logits if every_row else logits[rows]
     x0 = [take_u32(generators[i]) % _M or 1 for i in rows]
-    if candidates is not None and not every_row:
-        candidates = candidates[rows]
-    return dict(zip(rows, _race(probs, x0, candidates).tolist()))
+    if candidates is not None:
+        candidates = candidates if every_row else candidates[rows]
+        won = _race_on_candidates(logits, x0, candidates)
+        if won is not None:
+            return dict(zip(rows, won.tolist()))
+    # V0's probabilities: the softmax of the whole row
+    return dict(zip(rows, _race(logits.softmax(dim=-1, dtype=torch.float32), x0, candidates).tolist()))
+
+
+_LEAD = 1e-5  # relative lead of a race's winner that no rounding of the probabilities can undo
+
+
+def _race_on_candidates(logits: torch.Tensor, x0: list[int], candidates: torch.Tensor) -> torch.Tensor | None:
+    """The race's winners from the softmax of the candidates alone, where that is provably V0's
+    winner; None otherwise (then the whole rows' softmax runs). V0 took the softmax of the whole
+    row: the same ``exp(x - max)`` per token (the rest of the row is -inf, which adds exact zeros),
+    over a sum that in another order differs in its last bits. That is one scale for the whole row,
+    which moves no score past another; each score's own roundings (an ulp or two, ~2e-7 each) can,
+    so a winner whose score leads the runner-up by more than ``_LEAD`` (relative) is V0's winner.
+    None also where some noise is 0 (0 / 0 = NaN would win at a dropped token) or a row is NaN."""
+    n = logits.shape[1]
+    if len(_zero_noise_positions(x0, n)[0]):
+        return None
+    probs = logits.gather(1, candidates).softmax(dim=-1, dtype=torch.float32)
+    scores = probs / _noise_of(torch.tensor(x0).unsqueeze(1) * _powers(n)[candidates])
+    if candidates.shape[1] == 1:
+        return candidates[:, 0] if bool((scores > 0).all()) else None
+    best, at = scores.topk(2, dim=-1)
+    if not bool((best[:, 0] > best[:, 1] * (1 + _LEAD)).all()):  # also False for NaN
+        return None
+    return candidates.gather(1, at[:, :1]).squeeze(1)
 
 
 def _race(probs: torch.Tensor, x0: list[int], candidates: torch.Tensor | None = None) -> torch.Tensor:
