@@ -22,6 +22,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from .v0_sampling import _fused_on_cpu
+
 _M = 2**31 - 1
 _A = 1132489760
 _MT_WORDS = 624
@@ -199,23 +201,34 @@ def _below(x: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
     return torch.minimum(x, limit.nextafter(torch.zeros_like(limit)))
 
 
+@_fused_on_cpu
+def _block_masses(body: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """fp32 sums of ``exp(x - top)`` over each ``_BLOCK`` tokens of ``body`` ([rows, blocks *
+    _BLOCK]). Fused on CPU: no [rows, vocab] softmax is written (a fresh 4 MB each step for
+    32 x 32,000; the draw took 0.9 ms with it, 0.4 ms without)."""
+    return (body - top).exp().view(body.shape[0], -1, _BLOCK).sum(dim=-1)
+
+
 def unseeded_draw(logits: torch.Tensor) -> torch.Tensor:
     """A token per row from softmax(logits), by inverse CDF, uniforms from the global generator:
-    the block of ``_BLOCK`` tokens whose cumulative sum passes the uniform, then the token in it
+    the block of ``_BLOCK`` tokens whose cumulative mass passes the uniform, then the token in it
     (a sequential ``cumsum`` over the whole row costs more than the rest of the draw). The
     search lands only where a sum grows, so tokens of probability 0 (-inf) are never drawn. A NaN
     row (a broken model) gets some token, as from vLLM's draw, and nothing raises."""
     rows, vocab = logits.shape
-    probs = logits.softmax(dim=-1, dtype=torch.float32)
-    if vocab % _BLOCK:
-        probs = torch.nn.functional.pad(probs, (0, _BLOCK - vocab % _BLOCK))
-    blocks = probs.view(rows, -1, _BLOCK)
-    ends = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [rows, blocks]; fp32 sums: 7x faster than fp64
+    top = logits.amax(dim=-1, keepdim=True)
+    whole = vocab - vocab % _BLOCK
+    masses = [_block_masses(logits[:, :whole], top)] if whole else []
+    if whole < vocab:  # the last, shorter block
+        masses.append((logits[:, whole:] - top).exp().sum(dim=-1, keepdim=True))
+    masses = torch.cat(masses, dim=1) if len(masses) > 1 else masses[0]
+    ends = masses.double().cumsum(dim=-1)  # [rows, blocks]; fp32 sums: 7x faster than fp64
     total = ends[:, -1:]
     u = _below(torch.rand(total.shape, dtype=torch.float64, device=logits.device) * total, total)
     block = torch.searchsorted(ends, u, right=True).clamp_(max=ends.shape[1] - 1)  # ends[block] > u: it holds mass
     start = torch.where(block > 0, ends.gather(1, (block - 1).clamp(min=0)), 0.0)
-    inside = blocks.gather(1, block.unsqueeze(-1).expand(rows, 1, _BLOCK)).squeeze(1)
+    tokens = block * _BLOCK + torch.arange(_BLOCK, device=logits.device)  # [rows, _BLOCK]
+    inside = logits.gather(1, tokens.clamp(max=vocab - 1)).sub(top).exp().masked_fill(tokens >= vocab, 0.0)
     inside = inside.cumsum(dim=-1, dtype=torch.float64)
     # The block's own cumsum may end a rounding below ends[block] - start: stay inside it.
     at = torch.searchsorted(inside, _below(u - start, inside[:, -1:]), right=True).clamp_(max=_BLOCK - 1)

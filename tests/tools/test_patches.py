@@ -128,6 +128,25 @@ def test_the_check_catches_a_shim_change_not_regenerated(tmp_path):
         str(tmp_path / "out" / "0.32.0" / "logprobs.patch")}  # the only patch that carries the module
 
 
+def test_generated_module_takes_earlier_shim_names_and_refuses_other_relative_imports(tmp_path):
+    """v0_draw.py imports from v0_sampling.py, which comes first in vLLM's one module: the import
+    is dropped there (and no other line of it is left). Any other relative import cannot move."""
+    from vllm_compat.tools.patches.build import PatchError, v0_sampling_module
+
+    module = v0_sampling_module()
+    assert "from .v0_sampling" not in module and "\nfrom vllm_compat" not in module
+    assert module.index("def _fused_on_cpu(") < module.index("@_fused_on_cpu\ndef _block_masses(")
+    compile(module, "v0_sampling.py", "exec")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    for name in ("v0_sampling.py", "v0_draw.py"):
+        shutil.copy(HERE.parent / "vllm_compat" / name, shim / name)
+    draw = shim / "v0_draw.py"
+    draw.write_text(draw.read_text().replace("from .v0_sampling import", "from .registry import", 1))
+    with pytest.raises(PatchError, match="relative import"):
+        v0_sampling_module(shim_dir=shim)
+
+
 def test_build_refuses_an_edit_that_does_not_match_exactly_once(tmp_path):
     from vllm_compat.tools.patches import build as b
 

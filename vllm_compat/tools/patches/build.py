@@ -123,14 +123,18 @@ def _split_module(source: str, name: str) -> tuple[str, str | None, list[str], s
     doc = ast.get_docstring(tree)
     head_end = body[0].end_lineno if doc is not None else 0
     imports = []
+    earlier = SHIM_MODULES[:SHIM_MODULES.index(name)] if name in SHIM_MODULES else ()
+    rest_start = head_end
     for node in body[1 if doc is not None else 0:]:
         if not isinstance(node, (ast.Import, ast.ImportFrom)):
             break
+        rest_start = node.end_lineno
         if isinstance(node, ast.ImportFrom) and node.level:
+            if node.level == 1 and f"{node.module}.py" in earlier:
+                continue  # names of a module placed earlier in the same generated module
             raise PatchError(f"{name}: a relative import cannot move into vLLM: {ast.unparse(node)}")
         imports.append(node)
     lines = source.splitlines(keepends=True)
-    rest_start = imports[-1].end_lineno if imports else head_end
     return ("".join(lines[:head_end]), doc, [ast.unparse(n) for n in imports],
             "".join(lines[rest_start:]).lstrip("\n"))
 
