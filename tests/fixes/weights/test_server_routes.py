@@ -17,12 +17,9 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from vllm_compat.golden import verify
 from vllm_compat.golden.fixtures import GOLDEN_DIR
+from serving import free_port, http, start_server, stop
 
 pytestmark = pytest.mark.engine
 MODELS = GOLDEN_DIR / "models"
@@ -114,53 +112,6 @@ def weight_set(alpha: float) -> dict[str, torch.Tensor]:
     return {n: BASE[n] + alpha * (UPDATE[n] - BASE[n]) for n in BASE}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(port: int, path: str, body=None):
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="GET" if body is None else "POST",
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
-
-
-def start_server(port: int, env_extra: dict, log: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_COMPAT")
-           and k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # conftest's in-process setting: the server runs as users run it
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", **env_extra)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL), "--dtype", "float32",
-           "--max-model-len", "512", "--skip-tokenizer-init", "--max-logprobs", "20", "--served-model-name", "m",
-           "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except OSError:
-            time.sleep(1)
-    proc.kill()
-    raise TimeoutError("server did not come up")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def rollout(tmp: Path, stock: bool) -> dict:
     """One server, 8 streams, the trainer's updates at fixed progress points. Returns what the
     checks need: prompts, streamed tokens/logprobs/finish reasons/weight versions, weight states."""
@@ -183,8 +134,8 @@ def rollout(tmp: Path, stock: bool) -> dict:
     port = free_port()
     t0 = time.time()
     # Dev mode: vLLM's own /pause and /resume exist (the shim's routes do not need it: examples/server_rl_loop.py)
-    server = start_server(port, {"VLLM_COMPAT": "off" if stock else "all", "VLLM_SERVER_DEV_MODE": "1"},
-                          tmp / "server.log")
+    server = start_server(MODEL, port, {"VLLM_COMPAT": "off" if stock else "all", "VLLM_SERVER_DEV_MODE": "1"},
+                          log=tmp / "server.log", extra_args=("--served-model-name", "m"))
     started = time.time() - t0
     trainer = subprocess.Popen([sys.executable, "-c", TRAINER, f"http://127.0.0.1:{port}"], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True,
