@@ -10,7 +10,9 @@ How: ``Sampler.sample`` is replaced by V0's order -- penalties (already applied 
 (:func:`vllm_compat.v0_sampling.apply_top_k_top_p`) -> argmax-invariant processors
 (min-p) -> log_softmax; the draw itself goes through vLLM's sampler with no further
 filtering, except on CPU, where seeded rows get V0's exponential race bit for bit (so seeded
-V1 tokens equal V0's) and unseeded rows an inverse-CDF draw (:mod:`vllm_compat.v0_draw`).
+V1 tokens equal V0's) and unseeded rows an inverse-CDF draw (:mod:`vllm_compat.v0_draw`); after a
+top-k both look at its candidates alone. Penalties keep vLLM's arithmetic (V0's too); on CPU it is
+computed at the tokens each row has seen instead of over the vocabulary (speed only).
 Under chunked prefill a seeded
 CPU row is drawn only at the step that completes its prompt (V0 sampled it only then) and
 vLLM's ``set_offset`` rewind of the discarded draw, which CPU generators lack, is skipped for
