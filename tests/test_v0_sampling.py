@@ -234,7 +234,7 @@ def test_nan_rows_get_v0s_result_instead_of_an_error(rows, k, p):
     assert v0_processed_logprobs(x, [spec] * 3).shape == x.shape
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_topk_values_by_blocks_equal_torch_topk(dtype):
     """The two-pass top-k gives torch.topk's values; its indices hold those values (rows with ties,
     -inf, a NaN, the largest values packed into one block, a vocabulary not a multiple of 64)."""
@@ -248,6 +248,9 @@ def test_topk_values_by_blocks_equal_torch_topk(dtype):
         x[3, 77] = float("nan")
         x[4, 128:192] = 50.0 + torch.arange(64, dtype=dtype)  # the top values all in one block
         x[5, -3:] = 99.0  # ... or in the tail
+        if dtype == torch.float64:  # block maxima equal in fp32, not in fp64
+            x[6, 40] = 60.0
+            x[6, 1000:1060] = 60.0 + 1e-12 * torch.arange(1, 61, dtype=dtype)
         for k in (1, 6, 21, 51):
             vals, idx = topk_values(x, k)
             want = x.topk(k, dim=-1).values

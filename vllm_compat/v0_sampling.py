@@ -321,7 +321,10 @@ def topk_values(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device.type != "cpu" or not x.is_contiguous() or k * _TOPK_BLOCK * 4 > n:
         return x.topk(k, dim=-1)
     body = x[:, :blocks * _TOPK_BLOCK].view(rows, blocks, _TOPK_BLOCK)
-    maxima = body.amax(dim=-1).float().numpy()  # numpy has no bf16 (fp32 holds it exactly); NaN sorts last, as largest
+    maxima = body.amax(dim=-1)
+    if maxima.dtype != torch.float64:  # numpy has no bf16 (fp32 holds it, and fp16, exactly)
+        maxima = maxima.float()
+    maxima = maxima.numpy()  # numpy's partition sorts NaN last, as the largest: as topk does
     chosen = torch.from_numpy(np.sort(np.argpartition(maxima, -k, axis=-1)[:, -k:], axis=-1))  # in the row's order
     part = body.gather(1, chosen.unsqueeze(-1).expand(rows, k, _TOPK_BLOCK)).view(rows, k * _TOPK_BLOCK)
     where = (chosen.unsqueeze(-1) * _TOPK_BLOCK + torch.arange(_TOPK_BLOCK)).view(rows, k * _TOPK_BLOCK)

@@ -156,7 +156,7 @@ def penalties_on_cpu(logits, sampling_metadata, output_token_ids):
 
 def _patch_penalties(patcher, sampler_class) -> None:
     def apply_penalties(logits, sampling_metadata, output_token_ids):
-        if sampling_metadata.no_penalties or logits.device.type != "cpu":
+        if sampling_metadata.no_penalties or logits.device.type != "cpu" or not logits.is_contiguous():
             return vllm_apply_penalties(logits, sampling_metadata, output_token_ids)  # fast on accelerators
         return penalties_on_cpu(logits, sampling_metadata, output_token_ids)
 
