@@ -113,6 +113,13 @@ def _from_host(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     return t.to(device)
 
 
+def _overridden() -> bool:
+    """A TorchFunctionMode or a dispatch mode is active (a profiler, a test that records ops): compiling
+    under one fails on some torch versions (2.10: "Guard failed on the same frame it was created");
+    such calls run eagerly, and the next call outside the mode compiles as usual."""
+    return torch._C._len_torch_function_stack() > 0 or torch._C._len_torch_dispatch_stack() > 0
+
+
 def _fused_on_cpu(fn: Callable) -> Callable:
     """``fn`` (exact elementwise steps: compares and selects) compiled into one fused kernel for
     CPU tensors. Eager torch runs each step as its own pass: a compare and a ``masked_fill`` over
@@ -123,7 +130,7 @@ def _fused_on_cpu(fn: Callable) -> Callable:
 
     def run(*args):
         nonlocal compiled
-        if args[0].device.type != "cpu" or compiled is False:
+        if args[0].device.type != "cpu" or compiled is False or _overridden():
             return fn(*args)
         try:
             if compiled is None:
