@@ -112,11 +112,17 @@ def test_the_check_catches_a_hand_edited_patch(built_series, tmp_path):
     assert r.returncode == 1 and "lm_head.patch" in r.stdout and "LMHeadDtype" in r.stdout
 
 
-def test_the_check_catches_a_shim_change_not_regenerated(tmp_path):
+def _shim_copy(tmp_path: Path) -> Path:
+    """The shim modules the generated vLLM module is made of, copied to be edited."""
     shim = tmp_path / "shim"
     shim.mkdir()
     for name in ("v0_sampling.py", "v0_draw.py"):
         shutil.copy(HERE.parent / "vllm_compat" / name, shim / name)
+    return shim
+
+
+def test_the_check_catches_a_shim_change_not_regenerated(tmp_path):
+    shim = _shim_copy(tmp_path)
     module = shim / "v0_sampling.py"
     module.write_text(module.read_text().replace("_MAX_CANDIDATES = 1024", "_MAX_CANDIDATES = 512", 1))
     from vllm_compat.tools.patches.build import build
@@ -137,10 +143,7 @@ def test_generated_module_takes_earlier_shim_names_and_refuses_other_relative_im
     assert "from .v0_sampling" not in module and "\nfrom vllm_compat" not in module
     assert module.index("def _fused_on_cpu(") < module.index("@_fused_on_cpu\ndef _block_masses(")
     compile(module, "v0_sampling.py", "exec")
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    for name in ("v0_sampling.py", "v0_draw.py"):
-        shutil.copy(HERE.parent / "vllm_compat" / name, shim / name)
+    shim = _shim_copy(tmp_path)
     draw = shim / "v0_draw.py"
     draw.write_text(draw.read_text().replace("from .v0_sampling import", "from .registry import", 1))
     with pytest.raises(PatchError, match="relative import"):
