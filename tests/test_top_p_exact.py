@@ -34,6 +34,12 @@ def check(logits, k, p):
     bad = (~((out == ref) | (out.isnan() & ref.isnan()))).any(-1)
     assert not bad.any(), f"rows {bad.nonzero().flatten().tolist()} differ from V0's sort"
     assert torch.equal(out, ref)
+    # In place (the sampler's own logits, as vLLM's filters): the same, written into the input; the
+    # rows handed to V0's sort are taken before the drop
+    into = logits.clone()
+    got, _ = processing.top_k_top_p_with_candidates(into, k, p, inplace=True)
+    assert got.data_ptr() == into.data_ptr()
+    torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
     return out
 
 
@@ -84,6 +90,17 @@ def test_ties_at_the_boundary(sorted_rows, p):
         check(logits, torch.full((48,), 32000), torch.full((48,), p))
     if p < 1:  # p = 1 cuts nothing here (no probability underflows)
         assert sum(sorted_rows) > 0  # some tie was cut: V0's index sort decided which copies stay
+
+
+def test_in_place_rows_sorted_by_v0_see_the_rows_as_they_came_in():
+    """Why the in-place path hands V0's sort its rows before the drop: dropping first (into the same
+    tensor) and sorting afterwards gives the tie rows another answer."""
+    logits = (rows_like_lm(48, 32000, 3.0, seed=3) / 0.5).round() * 0.5
+    k, p = torch.full((48,), 32000), torch.full((48,), 0.9)
+    ref = apply_top_k_top_p_sorted(logits.clone(), k, p)
+    into = logits.clone()
+    processing.drop_below_(into, ref.masked_fill(ref.isinf(), INF).amin(dim=-1, keepdim=True))  # the drop first
+    assert not torch.equal(apply_top_k_top_p_sorted(into, k, p), ref)
 
 
 def test_nan_rows_get_v0s_answer(sorted_rows):

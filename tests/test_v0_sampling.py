@@ -141,7 +141,7 @@ def test_fused_cpu_kernels_equal_their_eager_steps():
     """The compiled compare/select kernels (rank count, top-p and min-p masks) give eager torch's
     answer bit for bit, -inf and NaN included, and did run compiled."""
     from vllm_compat.fixes.logprobs import v0_ranks
-    from vllm_compat.v0_sampling import count_greater, drop_below, drop_where_below
+    from vllm_compat.v0_sampling import count_greater, drop_below, drop_below_, drop_where_below, drop_where_below_
 
     g = torch.Generator().manual_seed(3)
     for rows in (1, 2, 37):
@@ -154,7 +154,15 @@ def test_fused_cpu_kernels_equal_their_eager_steps():
         probs = x.softmax(-1)
         assert torch.allclose(drop_where_below(x, probs, values.exp()),
                               x.masked_fill(probs < values.exp(), -INF), rtol=0, atol=0, equal_nan=True)
-    for fused in (count_greater, drop_below, drop_where_below):
+        for in_place, fresh, args in ((drop_below_, drop_below, (values,)),
+                                      (drop_where_below_, drop_where_below, (probs, values.exp()))):
+            into = x.clone()
+            assert in_place(into, *args).data_ptr() == into.data_ptr()  # written into its input
+            assert torch.allclose(into, fresh(x, *args), rtol=0, atol=0, equal_nan=True)
+        into = x.clone()
+        assert apply_min_p(into, torch.full((rows,), 0.1), inplace=True).data_ptr() == into.data_ptr()
+        assert torch.allclose(into, apply_min_p(x, torch.full((rows,), 0.1)), rtol=0, atol=0, equal_nan=True)
+    for fused in (count_greater, drop_below, drop_where_below, drop_below_, drop_where_below_):
         assert fused.fused(), fused.__name__
 
 

@@ -54,7 +54,7 @@ def _apply_argmax_invariant(processor, logits, rounded):
         return processor.apply(logits)
     if not getattr(processor, "min_p_count", 1):  # no request in the batch has a min-p
         return logits
-    return apply_min_p(logits, rounded(processor.min_p).reshape(-1))
+    return apply_min_p(logits, rounded(processor.min_p).reshape(-1), inplace=True)  # as vLLM's processor
 
 
 SUPPORT_CAPTURE = "vllm_compat_support_capture"
@@ -92,7 +92,7 @@ def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
             temperature = torch.where(temperature < _SAMPLING_EPS, 1.0, temperature)
         logits, candidates = top_k_top_p_with_candidates(logits, k, p if pdt is None else p.to(pdt),  # 1 - p in pdt, as V0
                                                          k_min=vocab if md.top_k is None else None,
-                                                         temperature=temperature)
+                                                         temperature=temperature, inplace=True)
     else:
         logits = self.apply_temperature(logits, rounded(md.temperature), md.all_random)
     for processor in md.logitsprocs.argmax_invariant:  # min-p, after top-k/top-p as in V0
