@@ -174,13 +174,17 @@ def test_unseeded_draw_among_candidates():
     assert (((counts - expected) ** 2)[keep] / expected[keep]).sum() < dof + 6 * (2 * dof) ** 0.5
 
 
-def test_unseeded_draw_across_blocks():
-    """700 tokens (3 blocks, the last one padded), a third banned: chi-square over every token."""
+@pytest.mark.parametrize("weights", [False, True], ids=["from logits", "from weights"])
+def test_unseeded_draw_across_blocks(weights):
+    """700 tokens (3 blocks, the last one padded), a third banned: chi-square over every token.
+    With ``weights`` (min-p hands over its softmax, 0 where it dropped) the draw follows those: here
+    they are the row's softmax while the logits passed along are the row at another temperature."""
     g = torch.Generator().manual_seed(4)
     row = torch.randn(700, generator=g) * 1.5
     row[torch.rand(700, generator=g) < 0.33] = -INF
     torch.manual_seed(5)
-    tokens = v0_draw.unseeded_draw(row.repeat(400_000, 1))
+    rows = row.repeat(400_000, 1)
+    tokens = (v0_draw.unseeded_draw(rows * 0.5, rows.softmax(-1)) if weights else v0_draw.unseeded_draw(rows))
     counts = torch.bincount(tokens, minlength=700).double()
     assert counts[row.isinf()].sum() == 0
     expected = row.softmax(-1).double() * tokens.numel()

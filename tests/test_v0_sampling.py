@@ -141,7 +141,8 @@ def test_fused_cpu_kernels_equal_their_eager_steps():
     """The compiled compare/select kernels (rank count, top-p and min-p masks) give eager torch's
     answer bit for bit, -inf and NaN included, and did run compiled."""
     from vllm_compat.fixes.logprobs import v0_ranks
-    from vllm_compat.v0_sampling import count_greater, drop_below, drop_below_, drop_where_below, drop_where_below_
+    from vllm_compat.v0_sampling import (_drop_both_below_, apply_min_p_keeping_probs_, count_greater, drop_below,
+                                         drop_below_, drop_where_below, drop_where_below_)
 
     g = torch.Generator().manual_seed(3)
     for rows in (1, 2, 37):
@@ -161,8 +162,15 @@ def test_fused_cpu_kernels_equal_their_eager_steps():
             assert torch.allclose(into, fresh(x, *args), rtol=0, atol=0, equal_nan=True)
         into = x.clone()
         assert apply_min_p(into, torch.full((rows,), 0.1), inplace=True).data_ptr() == into.data_ptr()
-        assert torch.allclose(into, apply_min_p(x, torch.full((rows,), 0.1)), rtol=0, atol=0, equal_nan=True)
-    for fused in (count_greater, drop_below, drop_where_below, drop_below_, drop_where_below_):
+        want = apply_min_p(x, torch.full((rows,), 0.1))
+        assert torch.allclose(into, want, rtol=0, atol=0, equal_nan=True)
+        # The sampler's min-p: the same logits, and the softmax it compared with 0 where it dropped.
+        into = x.clone()
+        weights = apply_min_p_keeping_probs_(into, torch.full((rows,), 0.1))
+        assert torch.allclose(into, want, rtol=0, atol=0, equal_nan=True)
+        dropped = probs < 0.1 * probs.amax(dim=-1, keepdim=True)
+        assert torch.allclose(weights, probs.masked_fill(dropped, 0.0), rtol=0, atol=0, equal_nan=True)
+    for fused in (count_greater, drop_below, drop_where_below, drop_below_, drop_where_below_, _drop_both_below_):
         assert fused.fused(), fused.__name__
 
 

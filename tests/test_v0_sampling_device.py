@@ -141,6 +141,8 @@ def test_building_blocks_are_device_generic(monkeypatch):
     assert_device_generic(monkeypatch, processing.apply_top_k_top_p_by_value, logits, off, p, reads=[VOCAB] + SORT_TWO)
     assert_device_generic(monkeypatch, apply_top_k_top_p_sorted, logits, k, p)
     assert_device_generic(monkeypatch, apply_min_p, logits, torch.full((ROWS,), 0.1, device=META))
+    assert_device_generic(monkeypatch, processing.apply_min_p_keeping_probs_, meta_logits(),
+                          torch.full((ROWS,), 0.1, device=META))
     counts = assert_device_generic(monkeypatch, bin_counts, PROMPT, VOCAB, META)
     assert counts.shape == (ROWS, VOCAB) and counts.dtype == torch.long
     ones = torch.ones(ROWS, device=META)

@@ -209,18 +209,25 @@ def _block_masses(body: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     return (body - top).exp().view(body.shape[0], -1, _BLOCK).sum(dim=-1)
 
 
-def unseeded_draw(logits: torch.Tensor) -> torch.Tensor:
+def unseeded_draw(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """A token per row from softmax(logits), by inverse CDF, uniforms from the global generator:
     the block of ``_BLOCK`` tokens whose cumulative mass passes the uniform, then the token in it
     (a sequential ``cumsum`` over the whole row costs more than the rest of the draw). The
     search lands only where a sum grows, so tokens of probability 0 (-inf) are never drawn. A NaN
-    row (a broken model) gets some token, as from vLLM's draw, and nothing raises."""
+    row (a broken model) gets some token, as from vLLM's draw, and nothing raises.
+    ``weights`` (optional, [rows, vocab], >= 0): proportional to softmax(logits), e.g. a softmax
+    already computed with 0 where a filter dropped the token; used instead of ``exp`` over the row."""
     rows, vocab = logits.shape
-    top = logits.amax(dim=-1, keepdim=True)
     whole = vocab - vocab % _BLOCK
-    masses = [_block_masses(logits[:, :whole], top)] if whole else []
+    if weights is None:
+        top = logits.amax(dim=-1, keepdim=True)
+        masses = [_block_masses(logits[:, :whole], top)] if whole else []
+        tail = (logits[:, whole:] - top).exp()
+    else:
+        masses = [weights[:, :whole].reshape(rows, -1, _BLOCK).sum(dim=-1)] if whole else []
+        tail = weights[:, whole:]
     if whole < vocab:  # the last, shorter block
-        masses.append((logits[:, whole:] - top).exp().sum(dim=-1, keepdim=True))
+        masses.append(tail.sum(dim=-1, keepdim=True))
     masses = torch.cat(masses, dim=1) if len(masses) > 1 else masses[0]
     ends = masses.double().cumsum(dim=-1)  # [rows, blocks]; fp32 sums: 7x faster than fp64
     total = ends[:, -1:]
@@ -228,7 +235,8 @@ def unseeded_draw(logits: torch.Tensor) -> torch.Tensor:
     block = torch.searchsorted(ends, u, right=True).clamp_(max=ends.shape[1] - 1)  # ends[block] > u: it holds mass
     start = torch.where(block > 0, ends.gather(1, (block - 1).clamp(min=0)), 0.0)
     tokens = block * _BLOCK + torch.arange(_BLOCK, device=logits.device)  # [rows, _BLOCK]
-    inside = logits.gather(1, tokens.clamp(max=vocab - 1)).sub(top).exp().masked_fill(tokens >= vocab, 0.0)
+    inside = (logits.gather(1, tokens.clamp(max=vocab - 1)).sub(top).exp() if weights is None
+              else weights.gather(1, tokens.clamp(max=vocab - 1))).masked_fill(tokens >= vocab, 0.0)
     inside = inside.cumsum(dim=-1, dtype=torch.float64)
     # The block's own cumsum may end a rounding below ends[block] - start: stay inside it.
     at = torch.searchsorted(inside, _below(u - start, inside[:, -1:]), right=True).clamp_(max=_BLOCK - 1)
@@ -236,17 +244,18 @@ def unseeded_draw(logits: torch.Tensor) -> torch.Tensor:
 
 
 def draw(logits: torch.Tensor, generators: dict[int, torch.Generator],
-         candidates: torch.Tensor | None = None) -> torch.Tensor:
+         candidates: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Every row's token: V0's seeded race for the rows in ``generators``, the others unseeded.
     ``candidates`` ([rows, c] indices, optional): every token of positive probability is among
-    them (a top-k's candidates); the draws then look at those alone."""
+    them (a top-k's candidates); the draws then look at those alone. ``weights`` (optional):
+    for the unseeded rows, as in ``unseeded_draw``; seeded rows race on ``logits`` as V0 did."""
     rows = logits.shape[0]
     if len(generators) == rows:
         sampled = torch.empty(rows, dtype=torch.long, device=logits.device)
     elif candidates is not None:
         sampled = candidates.gather(1, unseeded_draw(logits.gather(1, candidates)).unsqueeze(1)).squeeze(1)
     else:
-        sampled = unseeded_draw(logits)
+        sampled = unseeded_draw(logits, weights)
     if generators:
         seeded = seeded_draw(logits, generators, candidates)
         sampled[list(seeded)] = torch.tensor(list(seeded.values()), dtype=sampled.dtype)

@@ -458,6 +458,24 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor, inplace: bool = False
     return (drop_where_below_ if inplace else drop_where_below)(logits, probs, threshold)
 
 
+@_fused_on_cpu
+def _drop_both_below_(logits: torch.Tensor, probs: torch.Tensor, threshold: torch.Tensor) -> None:
+    # The threshold's amax is taken outside: with it inside, torch 2.13's inductor fails to compile
+    # the two in-place writes ("KeyError: 'buf2'").
+    drop = probs < threshold
+    logits.masked_fill_(drop, -float("inf"))
+    probs.masked_fill_(drop, 0.0)
+
+
+def apply_min_p_keeping_probs_(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """``apply_min_p`` in place, both drops in one fused pass on CPU; -> the softmax it compared,
+    0 where dropped: weights of the distribution left, which an unseeded draw takes instead of
+    computing ``exp`` over the row again (v0_draw.draw's ``weights``)."""
+    probs = torch.softmax(logits, dim=-1)
+    _drop_both_below_(logits, probs, min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True))
+    return probs
+
+
 def v0_unfiltered_logits(logits: torch.Tensor, specs: Sequence[SamplingSpec],
                          prompt_tokens: Sequence[Sequence[int]] | None = None,
                          output_tokens: Sequence[Sequence[int]] | None = None,

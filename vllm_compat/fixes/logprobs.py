@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from .. import v0_draw
-from ..v0_sampling import apply_min_p, apply_penalties_at, count_greater, top_k_top_p_with_candidates
+from ..v0_sampling import (apply_min_p, apply_min_p_keeping_probs_, apply_penalties_at, count_greater,
+                           top_k_top_p_with_candidates)
 from ..registry import Fix, InternalsMoved, register
 
 _SAMPLING_EPS = 1e-5
@@ -47,14 +48,19 @@ def _processed_output(logits: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def _apply_argmax_invariant(processor, logits, rounded):
-    """One of vLLM's argmax-invariant processors, after top-k/top-p as in V0. Min-p is V0's
-    ``apply_min_p`` with the processor's values (rounded like V0's parameter tensors): the same
-    arithmetic as vLLM's processor, with the mask fused into one pass on CPU."""
+    """One of vLLM's argmax-invariant processors, after top-k/top-p as in V0; -> (logits, weights).
+    Min-p is V0's ``apply_min_p`` with the processor's values (rounded like V0's parameter tensors):
+    the same arithmetic as vLLM's processor, fused into one pass on CPU, where it also hands back
+    its softmax with the dropped tokens zeroed (``weights``, for the unseeded draw)."""
     if not hasattr(processor, "min_p"):
-        return processor.apply(logits)
+        return processor.apply(logits), None
     if not getattr(processor, "min_p_count", 1):  # no request in the batch has a min-p
-        return logits
-    return apply_min_p(logits, rounded(processor.min_p).reshape(-1), inplace=True)  # as vLLM's processor
+        return logits, None
+    min_p = rounded(processor.min_p).reshape(-1)
+    if logits.device.type == "cpu":
+        weights = apply_min_p_keeping_probs_(logits, min_p)
+        return logits, weights
+    return apply_min_p(logits, min_p, inplace=True), None  # in place, as vLLM's processor
 
 
 SUPPORT_CAPTURE = "vllm_compat_support_capture"
@@ -95,8 +101,9 @@ def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
                                                          temperature=temperature, inplace=True)
     else:
         logits = self.apply_temperature(logits, rounded(md.temperature), md.all_random)
+    weights = None  # the distribution's weights, where the last processor (min-p) left them
     for processor in md.logitsprocs.argmax_invariant:  # min-p, after top-k/top-p as in V0
-        logits = _apply_argmax_invariant(processor, logits, rounded)
+        logits, weights = _apply_argmax_invariant(processor, logits, rounded)
     _capture_support(self, logits)
     if logits.device.type == "cpu":
         # V0's draws (v0_draw): seeded rows bit for bit, unseeded ones from the same
@@ -105,7 +112,7 @@ def v0_sample(self, logits, sampling_metadata, logprobs_mode_override=None):
         # once its whole prompt was in, so they take no seeded draw.
         skip = getattr(self, "v0_partial_prefill_rows", ())
         sampled = v0_draw.draw(logits, {row: g for row, g in md.generators.items() if row not in skip},
-                               candidates)
+                               candidates, weights)
         processed = _processed_output(logits, mode) if want else None
         if processed is not None and candidates is not None:
             setattr(processed, CANDIDATES, candidates)  # gather_logprobs may then look at them alone
