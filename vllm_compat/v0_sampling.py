@@ -246,13 +246,19 @@ def apply_penalties_at(logits: torch.Tensor, row: torch.Tensor, token: torch.Ten
     vocabulary per row; this one's, the tokens the row has seen."""
     flat = logits.view(-1)
     at = row * logits.shape[1] + token
-    x = flat[at]
-    rep = repetition.to(logits.dtype)[row]
-    x = x * torch.where(x > 0, 1.0 / rep, rep)
-    x = x - frequency.to(logits.dtype)[row] * output_count.to(logits.dtype)
-    x = x - presence.to(logits.dtype)[row] * (output_count > 0).to(logits.dtype)
-    flat[at] = x
+    dt = logits.dtype
+    flat[at] = penalized(flat[at], repetition.to(dt)[row], frequency.to(dt)[row], presence.to(dt)[row],
+                         output_count.to(dt), torch.where)
     return logits
+
+
+def penalized(x, repetition, frequency, presence, output_count, where):
+    """The penalty arithmetic on values ``x`` of seen tokens with their rows' penalties and output
+    counts (in ``x``'s dtype): torch tensors (``where=torch.where``) or numpy arrays (``np.where``;
+    IEEE-754 operations, each rounded once, give the same bits in both)."""
+    x = x * where(x > 0, 1.0 / repetition, repetition)
+    x = x - frequency * output_count
+    return x - presence * (output_count > 0)
 
 
 _MAX_CANDIDATES = 1024  # top-k up to this size sorts only its candidates (a topk)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .. import v0_draw
-from ..v0_sampling import (apply_min_p, apply_min_p_keeping_probs_, apply_penalties_at, count_greater,
+from ..v0_sampling import (apply_min_p, apply_min_p_keeping_probs_, apply_penalties_at, count_greater, penalized,
                            top_k_top_p_with_candidates)
 from ..registry import Fix, InternalsMoved, register
 
@@ -171,7 +171,7 @@ def _runs(sorted_keys: np.ndarray) -> np.ndarray:
 
 
 def _present_tokens(prompt_ids: torch.Tensor, output_ids: list[list[int]], vocab: int):
-    """-> (row, token, output count) of every token in a row's prompt (``prompt_ids``: V1's
+    """-> (row, token, output count) (numpy int64) of every token in a row's prompt (``prompt_ids``: V1's
     padded tensor, pad = ``vocab``) or outputs (ids outside the vocabulary -- async scheduling's
     -1 placeholders -- count as padding, as in vLLM), each pair once."""
     rows, width = prompt_ids.shape[0], vocab + 1  # keys: row * width + token
@@ -186,7 +186,7 @@ def _present_tokens(prompt_ids: torch.Tensor, output_ids: list[list[int]], vocab
     present = present[_runs(present)]
     count = np.zeros(len(present), np.int64)
     count[np.searchsorted(present, out_keys)] = counts
-    return torch.from_numpy(present // width), torch.from_numpy(present % width), torch.from_numpy(count)
+    return present // width, present % width, count
 
 
 def penalties_on_cpu(logits, sampling_metadata, output_token_ids):
@@ -195,8 +195,17 @@ def penalties_on_cpu(logits, sampling_metadata, output_token_ids):
     [rows, vocab] count tensors per step: 7.8 ms of a 16 ms decode step on the bench model)."""
     md = sampling_metadata
     row, token, count = _present_tokens(md.prompt_token_ids.cpu(), output_token_ids, logits.shape[1])
-    return apply_penalties_at(logits, row, token, count, md.repetition_penalties, md.frequency_penalties,
-                              md.presence_penalties)
+    penalties = (md.repetition_penalties, md.frequency_penalties, md.presence_penalties)
+    if logits.dtype != torch.float32 or any(t.dtype != torch.float32 for t in penalties):
+        return apply_penalties_at(logits, torch.from_numpy(row), torch.from_numpy(token), torch.from_numpy(count),
+                                  *penalties)
+    # In numpy: the same float32 operations on a few thousand values, without torch's per-op overhead
+    # (~20 small ops: 0.3 ms per step, as much as the rest of the penalties together).
+    flat = logits.view(-1).numpy()
+    at = row * logits.shape[1] + token
+    rep, freq, pres = (t.cpu().numpy()[row] for t in penalties)
+    flat[at] = penalized(flat[at], rep, freq, pres, count.astype(np.float32), np.where)
+    return logits
 
 
 def _patch_penalties(patcher, sampler_class) -> None:
