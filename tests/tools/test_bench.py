@@ -35,6 +35,20 @@ def test_report_prints_every_head_and_update_figure():
     assert "1.600 s" in text and "2.3 ms" in text and "0.71 x" in text
 
 
+def test_sampling_table_says_what_bounds_each_configuration():
+    """Every sampling configuration has its measured bound, printed next to its fraction of greedy
+    (a configuration under the 0.90 target says why in the bench's own output)."""
+    assert set(bench.SAMPLING_BOUNDS) == set(bench.SAMPLING_CONFIGS)
+    table = {n: {"stock_v1": 0.5, "shim": 0.95, "shim / stock_v1": 1.9} for n in bench.SAMPLING_CONFIGS}
+    report = {"date": "2026-12-02", "machine": "x86_64, 2 cores", "vllm": "0.32.0", "torch": "2.13.0",
+              "sampling": {"workload": {"prompts": 32, "max_tokens": 128, "rounds": 2, "iterations": 3},
+                           "fraction_of_greedy": table, "bounded_by": dict(bench.SAMPLING_BOUNDS),
+                           "tokens_per_s": {"stock_v1": {"greedy": 1500.0}, "shim": {"greedy": 1500.0}}}}
+    lines = bench.format_report(report).splitlines()
+    for name, bound in bench.SAMPLING_BOUNDS.items():
+        assert any(line.lstrip().startswith(name) and line.rstrip().endswith(bound) for line in lines), name
+
+
 def test_throughput_section_computes_the_head_figures(monkeypatch, tmp_path):
     """The section's arithmetic on canned tokens/s (no engine): the head's extra seconds, untied and tied,
     and the measured / theory ratio."""
